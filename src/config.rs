@@ -1,0 +1,475 @@
+//! The only code that knows the configuration file format (TOML).
+//!
+//! Parsing is strict: unknown fields are errors, and every error names the file, line, column and
+//! field. Values that are checked after parsing (patterns, ranges, tags) keep their spans, so the
+//! policy compiler can point at them too. `Config::from_str` takes text; `Config::load` reads a file.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The Azure ML preset, compiled into the binary as the default policy.
+pub const EMBEDDED_CONFIG: &str = include_str!("../config/azureml.toml");
+/// The service-tag data the preset needs, so that the default runs with no files at all.
+pub const EMBEDDED_TAGS: &str = include_str!("../config/servicetags-azureml.json");
+const EMBEDDED_TAGS_NAME: &str = "servicetags-azureml.json";
+
+/// A parsed configuration file. Fields are public so that the policy compiler can destructure it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub regions: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub storage_accounts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub service_tags: ServiceTags,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    #[serde(default)]
+    pub safety: SafetyConfig,
+    #[serde(default)]
+    pub resolve: ResolveConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(skip)]
+    pub source: Source,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub plain: Option<SocketAddr>,
+    pub catch_all: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTags {
+    /// Path of a `ServiceTags_Public_*.json` file, relative to the config file.
+    pub file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: Spanned<String>,
+    pub action: Action,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub service_tags: Vec<Spanned<String>>,
+    /// Defaults to `[443]`.
+    pub ports: Option<Vec<PortRange>>,
+    #[serde(default)]
+    pub sources: Vec<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// A port (`443`) or an inclusive range (`"8000-8100"`); port 0 is refused.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct PortRange(pub RangeInclusive<u16>);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyConfig {
+    #[serde(default)]
+    pub allow_internal: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveConfig {
+    /// Host name → addresses, consulted before DNS.
+    #[serde(default, rename = "static")]
+    pub static_hosts: BTreeMap<String, Spanned<Vec<IpAddr>>>,
+    /// Upper bound on one DNS lookup.
+    #[serde(default = "dns_timeout")]
+    pub timeout: Seconds,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file to append to, or `-` for standard output (the default).
+    pub path: Option<String>,
+}
+
+/// Limits and timeouts; every one has a default an operator would pick.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request head (request line and headers) the explicit listener reads.
+    #[serde(default = "max_request_head_bytes")]
+    pub max_request_head_bytes: usize,
+    /// A client that has not sent a whole request head by then is dropped (slowloris).
+    #[serde(default = "request_head_timeout")]
+    pub request_head_timeout: Seconds,
+    #[serde(default = "connect_timeout")]
+    pub connect_timeout: Seconds,
+    /// A tunnel with no bytes either way for this long is closed.
+    #[serde(default = "idle_timeout")]
+    pub idle_timeout: Seconds,
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// On SIGTERM, how long open tunnels may run before they are closed.
+    #[serde(default = "shutdown_grace")]
+    pub shutdown_grace: Seconds,
+}
+
+/// A duration written the way operators write them: `"10s"`, `"1m 30s"`, `"250ms"`.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct Seconds(pub Duration);
+
+/// Where a configuration came from, and its text, for error positions.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub origin: Origin,
+    pub text: Arc<str>,
+}
+
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub enum Origin {
+    #[default]
+    Embedded,
+    File(PathBuf),
+}
+
+/// One configuration error, located in its file.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub field: String,
+    pub msg: String,
+}
+
+/// Every error found in one configuration, in file order.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+// === impl Config ===
+
+impl Config {
+    /// The embedded Azure ML preset.
+    pub fn embedded() -> Result<Self, ConfigErrors> {
+        Self::from_str(EMBEDDED_CONFIG, Origin::Embedded)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let origin = Origin::File(path.to_path_buf());
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError::whole_file(&origin, format!("cannot read: {e}"))]))?;
+        Self::from_str(&text, origin)
+    }
+
+    /// Parses configuration text; `origin` is used in error messages and to find relative files.
+    pub fn from_str(text: &str, origin: Origin) -> Result<Self, ConfigErrors> {
+        let source = Source { origin, text: text.into() };
+        match toml::from_str::<Config>(text) {
+            Ok(mut config) => {
+                config.source = source;
+                Ok(config)
+            }
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let field = field_at(text, &span, e.message());
+                Err(ConfigErrors(vec![source.error(span, field, e.message().trim().to_string())]))
+            }
+        }
+    }
+
+    /// The text of the service-tag file this configuration names, or `None` when it names none.
+    pub fn service_tags_text(&self) -> Result<Option<Cow<'static, str>>, ConfigErrors> {
+        let Some(file) = &self.service_tags.file else { return Ok(None) };
+        match &self.source.origin {
+            Origin::Embedded if file.get_ref() == EMBEDDED_TAGS_NAME => Ok(Some(Cow::Borrowed(EMBEDDED_TAGS))),
+            _ => {
+                let path = self.relative_path(file.get_ref());
+                std::fs::read_to_string(&path).map(|t| Some(Cow::Owned(t))).map_err(|e| {
+                    let msg = format!("cannot read {}: {e}", path.display());
+                    ConfigErrors(vec![self.source.error(file.span(), "service_tags.file".into(), msg)])
+                })
+            }
+        }
+    }
+
+    /// A path written in the config, taken relative to the config file's directory.
+    pub fn relative_path(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        match &self.source.origin {
+            Origin::File(cfg) if path.is_relative() => cfg.parent().unwrap_or(Path::new(".")).join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+// === impl Source ===
+
+impl Source {
+    /// An error located at `span` in this source.
+    pub fn error(&self, span: Range<usize>, field: String, msg: String) -> ConfigError {
+        let (line, col) = line_col(&self.text, span.start);
+        ConfigError { file: self.origin.to_string(), line, col, field, msg }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("<embedded config/azureml.toml>"),
+            Self::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+// === impl ConfigError ===
+
+impl ConfigError {
+    fn whole_file(origin: &Origin, msg: String) -> Self {
+        Self { file: origin.to_string(), line: 0, col: 0, field: String::new(), msg }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.field.is_empty()) {
+            (0, _) => write!(f, "{}: {}", self.file, self.msg),
+            (_, true) => write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.msg),
+            (_, false) => write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.col, self.field, self.msg),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            e.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// === serde helpers ===
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (1-65535) or a range such as \"8000-8100\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                let p = port(v).ok_or_else(|| E::custom(format!("port {v} is outside 1-65535")))?;
+                Ok(PortRange(p..=p))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
+                let bad = || E::custom(format!("{v:?} is not a port range such as \"8000-8100\""));
+                let (a, b) = v.split_once('-').ok_or_else(bad)?;
+                let a = a.trim().parse::<i64>().ok().and_then(port).ok_or_else(bad)?;
+                let b = b.trim().parse::<i64>().ok().and_then(port).ok_or_else(bad)?;
+                if a > b {
+                    return Err(bad());
+                }
+                Ok(PortRange(a..=b))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Seconds)
+            .map_err(|e| de::Error::custom(format!("{s:?} is not a duration such as \"10s\": {e}")))
+    }
+}
+
+fn port(v: i64) -> Option<u16> {
+    u16::try_from(v).ok().filter(|&p| p != 0)
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn secs(s: u64) -> Seconds {
+    Seconds(Duration::from_secs(s))
+}
+
+fn dns_timeout() -> Seconds {
+    secs(5)
+}
+fn max_request_head_bytes() -> usize {
+    32 * 1024
+}
+fn request_head_timeout() -> Seconds {
+    secs(10)
+}
+fn connect_timeout() -> Seconds {
+    secs(10)
+}
+fn idle_timeout() -> Seconds {
+    secs(600)
+}
+fn max_connections() -> usize {
+    4096
+}
+fn max_connections_per_client() -> usize {
+    1024
+}
+fn shutdown_grace() -> Seconds {
+    secs(30)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_head_bytes: max_request_head_bytes(),
+            request_head_timeout: request_head_timeout(),
+            connect_timeout: connect_timeout(),
+            idle_timeout: idle_timeout(),
+            max_connections: max_connections(),
+            max_connections_per_client: max_connections_per_client(),
+            shutdown_grace: shutdown_grace(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Names the field an error from the TOML parser is about: the unknown field it names, or the key
+/// on the error's line, prefixed with the table it sits in (`rule[2].ports`).
+fn field_at(text: &str, span: &Range<usize>, message: &str) -> String {
+    let before = text.get(..span.start.min(text.len())).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..).unwrap_or_default().lines().next().unwrap_or_default();
+    let key = match message.split('`').nth(1) {
+        Some(name) if message.starts_with("unknown field") => name.to_string(),
+        _ => line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default(),
+    };
+    // The innermost table header above the line, with the index of `[[array]]` tables.
+    let mut table = String::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for l in text.get(..line_start).unwrap_or_default().lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let n = counts.entry(name.trim().to_string()).or_insert(0);
+            table = format!("{}[{}]", name.trim(), n);
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    let key = if line.trim_start().starts_with('[') { String::new() } else { key };
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        Config::from_str(text, Origin::File("p.toml".into())).unwrap_err().0.remove(0)
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let e = err("regions = [\"westus2\"]\n\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhost = [\"x.com\"]\n");
+        assert_eq!((e.file.as_str(), e.line, e.field.as_str()), ("p.toml", 6, "rule[0].host"));
+        assert!(e.msg.contains("unknown field `host`"), "{}", e.msg);
+        assert_eq!(e.to_string().split(':').take(2).collect::<Vec<_>>(), ["p.toml", "6"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let e = err("[[rule]]\nname = \"a\"\naction = \"allow\"\n\n[[rule]]\nname = \"b\"\naction = \"alow\"\n");
+        assert_eq!((e.line, e.field.as_str()), (7, "rule[1].action"));
+        let e = err("[[rule]]\nname = \"a\"\naction = \"allow\"\nports = [443, 70000]\n");
+        assert_eq!((e.line, e.field.as_str()), (4, "rule[0].ports"));
+        assert!(e.msg.contains("70000"), "{}", e.msg);
+        let e = err("[listen]\nhttp = \"127.0.0.1\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "listen.http"));
+        let e = err("[limits]\nconnect_timeout = \"ten\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "limits.connect_timeout"));
+        let e = err("[[rule]]\nname = \"a\"\n");
+        assert!(e.msg.contains("missing field `action`"), "{}", e.msg);
+    }
+
+    #[test]
+    fn port_ranges_parse_and_refuse_zero() {
+        let c = Config::from_str("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[443, \"8000-8100\"]\n", Origin::Embedded)
+            .unwrap();
+        assert_eq!(c.rules[0].ports, Some(vec![PortRange(443..=443), PortRange(8000..=8100)]));
+        assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[0]\n").msg.contains("port 0"));
+        assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[\"9-1\"]\n").msg.contains("\"9-1\""));
+    }
+
+    #[test]
+    fn the_embedded_preset_parses() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.regions.iter().map(|r| r.get_ref().as_str()).collect::<Vec<_>>(), ["westus2"]);
+        assert!(c.service_tags_text().unwrap().is_some());
+    }
+}

@@ -1,0 +1,307 @@
+//! Configuration → `Policy`: expands `<region>` and `<storage_account>`, looks up service tags,
+//! parses patterns and ranges, and indexes everything. Errors keep their place in the file; all of
+//! them are reported, not just the first.
+
+use std::collections::HashSet;
+
+use ipnet::IpNet;
+
+use super::decision::RuleId;
+use super::names::{NameIndex, Pattern};
+use super::nets::RangeIndex;
+use super::safety::Safety;
+use super::{Policy, Rule};
+use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Source};
+use crate::service_tags::TagTable;
+
+/// A policy and what the operator should know about it.
+#[derive(Debug)]
+pub struct Compiled {
+    pub policy: Policy,
+    /// Names of rules switched off with `enabled = false`.
+    pub disabled: Vec<String>,
+    pub warnings: Vec<Warning>,
+}
+
+/// Something that is allowed but risky, or likely not what the operator meant.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Warning {
+    pub rule: Option<String>,
+    pub message: String,
+}
+
+/// Compiles a configuration against a service-tag table.
+pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigErrors> {
+    let Config {
+        regions,
+        storage_accounts,
+        listen: _,
+        service_tags: _,
+        rules,
+        safety,
+        resolve: _,
+        audit: _,
+        limits: _,
+        source,
+    } = config;
+    let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
+
+    let regions: Vec<String> = regions
+        .iter()
+        .filter_map(|r| {
+            let ok = !r.get_ref().is_empty() && r.get_ref().bytes().all(|b| b.is_ascii_alphanumeric());
+            if !ok {
+                cx.error(r.span(), "regions", format!("{:?} is not a region name such as \"westus2\"", r.get_ref()));
+            }
+            ok.then(|| r.get_ref().clone())
+        })
+        .collect();
+    let accounts: Vec<String> = storage_accounts
+        .iter()
+        .filter_map(|a| {
+            let s = a.get_ref();
+            // Azure storage account names: 3-24 lower-case letters and digits.
+            let ok = (3..=24).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            if !ok {
+                cx.error(a.span(), "storage_accounts", format!("{s:?} is not a storage account name (3-24 lower-case letters and digits)"));
+            }
+            ok.then(|| s.clone())
+        })
+        .collect();
+    let allow_internal: Vec<IpNet> = safety
+        .allow_internal
+        .iter()
+        .filter_map(|n| cx.net(n, "safety.allow_internal".into()))
+        .collect();
+
+    let mut compiled = Vec::new();
+    let mut disabled = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, rc) in rules.iter().enumerate() {
+        let name = rc.name.get_ref();
+        let label = format!("rule[{i}] {name:?}");
+        let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            cx.error(rc.name.span(), &format!("{label}.name"), "use letters, digits, '-', '_' and '.'".into());
+        }
+        if !seen.insert(name.clone()) {
+            cx.error(rc.name.span(), &format!("{label}.name"), "another rule has this name".into());
+        }
+        if !rc.enabled {
+            disabled.push(name.clone());
+            // A disabled rule is still checked, so that switching it on cannot break the file.
+            let _ = cx.rule(rc, &label, &regions, &accounts);
+            continue;
+        }
+        if let Some(rule) = cx.rule(rc, &label, &regions, &accounts) {
+            compiled.push(rule);
+        }
+    }
+    if !cx.errors.is_empty() {
+        return Err(ConfigErrors(cx.errors));
+    }
+
+    let names = NameIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
+        r.patterns.iter().map(move |p| (p.clone(), RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
+    }));
+    let names = match names {
+        Ok(n) => n,
+        Err(e) => return Err(ConfigErrors(vec![source.error(0..0, "rule.hosts".into(), e.to_string())])),
+    };
+    let nets = RangeIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
+        r.ranges.iter().map(move |n| (*n, RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
+    }));
+    let mut warnings = cx.warnings;
+    warnings.extend(compiled.iter().flat_map(lint));
+    let policy = Policy { rules: compiled, names, nets, safety: Safety::new(allow_internal) };
+    Ok(Compiled { policy, disabled, warnings })
+}
+
+/// Compile context: the source for error positions, the tags, and what was found.
+struct Cx<'a> {
+    source: &'a Source,
+    tags: &'a TagTable,
+    errors: Vec<ConfigError>,
+    warnings: Vec<Warning>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, span: std::ops::Range<usize>, field: &str, msg: String) {
+        self.errors.push(self.source.error(span, field.to_string(), msg));
+    }
+
+    fn net(&mut self, s: &toml::Spanned<String>, field: String) -> Option<IpNet> {
+        match s.get_ref().parse::<IpNet>() {
+            Ok(net) if net.trunc() == net => Some(net),
+            Ok(net) => {
+                self.error(s.span(), &field, format!("host bits are set; write it as \"{}\"", net.trunc()));
+                None
+            }
+            Err(_) => {
+                self.error(s.span(), &field, format!("{:?} is not a CIDR range such as \"20.42.0.0/16\"", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn rule(&mut self, rc: &RuleConfig, label: &str, regions: &[String], accounts: &[String]) -> Option<Rule> {
+        let RuleConfig { name, action, enabled: _, protocol, hosts, cidrs, service_tags, ports, sources } = rc;
+        let before = self.errors.len();
+
+        let mut patterns = Vec::new();
+        let mut storage_open = false;
+        for (i, h) in hosts.iter().enumerate() {
+            let field = format!("{label}.hosts[{i}]");
+            let Some(expanded) = self.expand(h, &field, regions, accounts, |r| r.to_ascii_lowercase()) else { continue };
+            if expanded.is_empty() && h.get_ref().contains(STORAGE_ACCOUNT) {
+                storage_open = true;
+            }
+            for text in expanded {
+                match Pattern::parse(&text) {
+                    Ok(p) => patterns.push(p),
+                    Err(e) => self.error(h.span(), &field, format!("{text:?}: {e}")),
+                }
+            }
+        }
+
+        let mut ranges = Vec::new();
+        let mut tag_names = Vec::new();
+        for (i, t) in service_tags.iter().enumerate() {
+            let field = format!("{label}.service_tags[{i}]");
+            let Some(expanded) = self.expand(t, &field, regions, accounts, str::to_string) else { continue };
+            for tag in expanded {
+                match self.tags.get(&tag) {
+                    Some((spelled, prefixes)) => {
+                        tag_names.push((spelled.to_string(), prefixes.len()));
+                        ranges.extend_from_slice(prefixes);
+                    }
+                    None => self.error(t.span(), &field, format!("service tag {tag:?} is not in the service-tag file (changeNumber {})", self.tags.change_number())),
+                }
+            }
+        }
+        let mut cidr_nets = Vec::new();
+        for (i, c) in cidrs.iter().enumerate() {
+            if let Some(net) = self.net(c, format!("{label}.cidrs[{i}]")) {
+                cidr_nets.push(net);
+            }
+        }
+        ranges.extend_from_slice(&cidr_nets);
+        let source_nets: Vec<IpNet> = sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| self.net(s, format!("{label}.sources[{i}]")))
+            .collect();
+        let ports: Vec<_> = match ports {
+            Some(list) => list.iter().map(|PortRange(r)| r.clone()).collect(),
+            None => vec![443..=443],
+        };
+
+        if hosts.is_empty() && ranges.is_empty() {
+            self.error(name.span(), &format!("{label}.name"), "the rule names no destination: give hosts, cidrs or service_tags".into());
+        }
+        if ports.is_empty() {
+            self.error(name.span(), &format!("{label}.ports"), "an empty port list matches nothing; leave it out for [443]".into());
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        if storage_open && rc.enabled {
+            let message = if patterns.is_empty() && !ranges.is_empty() {
+                "storage_accounts is empty: storage is open to any account in the region behind the rule's service tags (set storage_accounts to the workspace's accounts)"
+            } else {
+                "storage_accounts is empty: the rule's <storage_account> hosts match nothing"
+            };
+            self.warnings.push(Warning { rule: Some(name.get_ref().clone()), message: message.into() });
+        }
+        Some(Rule {
+            name: name.get_ref().as_str().into(),
+            action: *action,
+            protocol: *protocol,
+            ports: ports.into_boxed_slice(),
+            sources: source_nets.into_boxed_slice(),
+            patterns,
+            tags: tag_names,
+            cidrs: cidr_nets,
+            ranges,
+        })
+    }
+
+    /// Expands `<region>` (spelled by `spell`) and `<storage_account>` in one entry. `None` after
+    /// an error; an empty list when a placeholder has nothing to expand to.
+    fn expand(
+        &mut self,
+        entry: &toml::Spanned<String>,
+        field: &str,
+        regions: &[String],
+        accounts: &[String],
+        spell: impl Fn(&str) -> String,
+    ) -> Option<Vec<String>> {
+        let text = entry.get_ref();
+        let mut out = vec![text.clone()];
+        if text.contains(REGION) {
+            if regions.is_empty() {
+                self.error(entry.span(), field, format!("{text:?} uses {REGION} but `regions` is empty"));
+                return None;
+            }
+            out = regions.iter().map(|r| text.replace(REGION, &spell(r))).collect();
+        }
+        if text.contains(STORAGE_ACCOUNT) {
+            out = out.iter().flat_map(|t| accounts.iter().map(move |a| t.replace(STORAGE_ACCOUNT, a))).collect();
+        }
+        if out.iter().any(|t| t.contains(['<', '>'])) {
+            self.error(entry.span(), field, format!("{text:?}: unknown placeholder (only {REGION} and {STORAGE_ACCOUNT})"));
+            return None;
+        }
+        Some(out)
+    }
+}
+
+/// Flags rules that let traffic reach places anyone can write to.
+fn lint(rule: &Rule) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let mut warn = |message: String| out.push(Warning { rule: Some(rule.name.to_string()), message });
+    if rule.action == Action::Deny {
+        return out;
+    }
+    for p in &rule.patterns {
+        let suffix = match p {
+            Pattern::Exact(_) => continue,
+            Pattern::Suffix(s) => s.as_str(),
+            Pattern::Glob(g) => g.rsplit_once(['*', '?']).map_or("", |(_, s)| s).trim_start_matches(|c| c != '.').trim_start_matches('.'),
+        };
+        if let Some((shared, risk)) = SHARED_WRITABLE.iter().find(|(s, _)| suffix == *s || suffix.ends_with(&format!(".{s}"))) {
+            warn(format!("{p} reaches {shared}: {risk}"));
+        } else if psl::suffix_str(suffix) == Some(suffix) {
+            warn(format!("{p} is a wildcard on the public suffix {suffix}: anyone can register a name under it"));
+        }
+    }
+    for (tag, _) in &rule.tags {
+        let lower = tag.to_ascii_lowercase();
+        if lower == "azurefrontdoor.frontend" {
+            warn(format!("service tag {tag} is every customer's Front Door endpoint: an exfiltration path"));
+        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty() {
+            warn(format!("service tag {tag} is every storage account in its region, anyone's included: restrict it with hosts (storage_accounts)"));
+        } else if lower == "azurecloud" || lower.starts_with("azurecloud.") {
+            warn(format!("service tag {tag} is all of Azure, anyone's tenant included"));
+        }
+    }
+    out
+}
+
+const REGION: &str = "<region>";
+const STORAGE_ACCOUNT: &str = "<storage_account>";
+
+/// Suffixes under which anyone can create a name that serves their own content.
+const SHARED_WRITABLE: &[(&str, &str)] = &[
+    ("core.windows.net", "any Azure customer's storage account can be written to"),
+    ("azurefd.net", "any Azure customer's Front Door endpoint"),
+    ("azureedge.net", "any Azure customer's CDN endpoint"),
+    ("azurewebsites.net", "any Azure customer's web app"),
+    ("cloudapp.azure.com", "any Azure customer's virtual machine"),
+    ("trafficmanager.net", "any Azure customer's Traffic Manager profile"),
+    ("servicebus.windows.net", "any Azure customer's Service Bus or Event Hubs namespace"),
+    ("amazonaws.com", "any AWS customer's bucket or endpoint"),
+    ("cloudfront.net", "any AWS customer's CDN distribution"),
+    ("googleapis.com", "any Google Cloud customer's bucket or endpoint"),
+    ("githubusercontent.com", "any GitHub user's content"),
+];

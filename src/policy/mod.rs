@@ -1,0 +1,239 @@
+//! The policy engine: given a destination (and the client), decide allow or deny, and say why.
+//!
+//! Pure: no sockets, files, clocks, environment or logging. `compile` builds a `Policy` from a
+//! parsed configuration and a service-tag table; `decide` then only looks things up.
+//!
+//! Order of checks in `decide`:
+//! 1. An address (IP literal, resolved address or original destination) inside a built-in
+//!    protection is refused (`internal_address`) unless `[safety] allow_internal` names it.
+//! 2. A matching deny rule refuses (`denied_by_rule`). Deny rules always win.
+//! 3. A matching allow rule allows. Rules that matched the name come before address-only rules;
+//!    among each, the first in the file wins.
+//! 4. Otherwise refused: `port_not_allowed`, `source_not_allowed` or `address_not_allowed` when a
+//!    rule matched all but that, else `no_rule`.
+//!
+//! A rule with hosts and address ranges matches only when both match. A rule with only address
+//! ranges never matches a name whose address is not yet known: the proxy never resolves a name that
+//! no host rule allows, since the DNS question itself would carry data out.
+
+mod compile;
+mod decision;
+mod host;
+mod names;
+mod nets;
+mod safety;
+
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+
+pub use compile::{compile, Compiled, Warning};
+pub use decision::{Decision, DenyReason, RuleId};
+pub use host::{fold_mapped, Destination, Host, HostError, HostName};
+pub use names::{Pattern, PatternError};
+pub use safety::classify;
+
+use crate::config::{Action, Protocol};
+use names::NameIndex;
+use nets::RangeIndex;
+use safety::Safety;
+
+/// A compiled policy. Immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    names: NameIndex,
+    nets: RangeIndex,
+    safety: Safety,
+}
+
+/// One enabled rule, compiled.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Box<str>,
+    pub action: Action,
+    pub protocol: Protocol,
+    pub ports: Box<[RangeInclusive<u16>]>,
+    /// Client ranges; empty means any client.
+    pub sources: Box<[IpNet]>,
+    /// Expanded host patterns.
+    pub patterns: Vec<Pattern>,
+    /// Expanded service tags as Azure spells them, with their prefix counts.
+    pub tags: Vec<(String, usize)>,
+    pub cidrs: Vec<IpNet>,
+    /// Every range of the rule: its cidrs and the prefixes of its tags.
+    pub ranges: Vec<IpNet>,
+}
+
+/// One question for the policy. Build it with `Query::new` and the `from`/`at` setters.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    pub name: Option<&'a HostName>,
+    /// The address to be dialled, when known: an IP literal, a resolved address, or the original
+    /// destination of a redirected connection.
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub source: Option<IpAddr>,
+}
+
+impl<'a> Query<'a> {
+    /// A query for a destination as the client named it.
+    pub fn new(host: &'a Host, port: u16) -> Self {
+        match host {
+            Host::Name(n) => Self { name: Some(n), addr: None, port, source: None },
+            Host::Ip(ip) => Self { name: None, addr: Some(*ip), port, source: None },
+        }
+    }
+
+    pub fn from(mut self, source: IpAddr) -> Self {
+        self.source = Some(fold_mapped(source));
+        self
+    }
+
+    pub fn at(mut self, addr: IpAddr) -> Self {
+        self.addr = Some(fold_mapped(addr));
+        self
+    }
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Decides one destination for one client. Same input, same answer; does not allocate unless a
+    /// glob pattern matches.
+    pub fn decide(&self, q: &Query<'_>) -> Decision {
+        if q.name.is_none() && q.addr.is_none() {
+            return Decision::deny(DenyReason::InvalidHost);
+        }
+        if let Some(ip) = q.addr {
+            if !self.safety.permits(ip) {
+                return Decision::deny(DenyReason::InternalAddress);
+            }
+        }
+        let in_range = q.addr.map_or(&[][..], |ip| self.nets.lookup(ip));
+        let mut best = Best::default();
+        if let Some(name) = q.name {
+            self.names.for_each_match(name, |r| self.consider(r, true, q, in_range, &mut best));
+        }
+        for &r in in_range {
+            self.consider(r, false, q, in_range, &mut best);
+        }
+        best.decision()
+    }
+
+    /// Checks an address the proxy is about to dial for a name a host rule already allowed: the
+    /// built-in protections, deny rules, and the address ranges of combined rules.
+    pub fn check_addr(&self, name: &HostName, addr: IpAddr, port: u16, source: Option<IpAddr>) -> Decision {
+        let q = Query { name: Some(name), addr: Some(fold_mapped(addr)), port, source: source.map(fold_mapped) };
+        self.decide(&q)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn rule(&self, id: RuleId) -> Option<&Rule> {
+        self.rules.get(id.index())
+    }
+
+    /// The name of a rule, or `"-"` for an id from another policy.
+    pub fn rule_name(&self, id: RuleId) -> &str {
+        self.rule(id).map_or("-", |r| &r.name)
+    }
+
+    /// `rule=NAME` for an allow or a deny by rule, `reason=NAME` otherwise: one line of explanation.
+    pub fn explain(&self, d: &Decision) -> String {
+        match d {
+            Decision::Allow { rule } => format!("rule={}", self.rule_name(*rule)),
+            Decision::Deny { reason, rule: Some(rule) } => format!("reason={reason} rule={}", self.rule_name(*rule)),
+            Decision::Deny { reason, rule: None } => format!("reason={reason}"),
+        }
+    }
+
+    /// Number of disjoint address segments in the range index.
+    pub fn segment_count(&self) -> usize {
+        self.nets.segment_count()
+    }
+
+    /// Looks at one rule that matched the name (`by_name`) or the address, and records the outcome.
+    fn consider(&self, id: RuleId, by_name: bool, q: &Query<'_>, in_range: &[RuleId], best: &mut Best) {
+        let Some(rule) = self.rule(id) else { return };
+        if rule.protocol != Protocol::Tcp {
+            return;
+        }
+        let has_hosts = !rule.patterns.is_empty();
+        if has_hosts != by_name {
+            return; // a host rule is only considered through its name, an address rule through its address
+        }
+        if !rule.ranges.is_empty() {
+            match q.addr {
+                Some(_) if in_range.binary_search(&id).is_err() => {
+                    if rule.action == Action::Allow {
+                        best.near_miss(DenyReason::AddressNotAllowed, id);
+                    }
+                    return;
+                }
+                Some(_) => {}
+                // Name matched, address not known yet: an allow is provisional, checked again on
+                // every address the name resolves to; a deny waits for the address.
+                None if rule.action == Action::Deny => return,
+                None => {}
+            }
+        }
+        if !rule.ports.iter().any(|p| p.contains(&q.port)) {
+            if rule.action == Action::Allow {
+                best.near_miss(DenyReason::PortNotAllowed, id);
+            }
+            return;
+        }
+        if !rule.sources.is_empty() && !q.source.is_some_and(|s| rule.sources.iter().any(|n| n.contains(&s))) {
+            if rule.action == Action::Allow {
+                best.near_miss(DenyReason::SourceNotAllowed, id);
+            }
+            return;
+        }
+        let slot = match (rule.action, by_name) {
+            (Action::Deny, _) => &mut best.deny,
+            (Action::Allow, true) => &mut best.by_name,
+            (Action::Allow, false) => &mut best.by_addr,
+        };
+        // Rules are reported in no particular order: keep the first in the file.
+        if slot.is_none_or(|first| id < first) {
+            *slot = Some(id);
+        }
+    }
+}
+
+/// What `decide` has seen so far.
+#[derive(Default)]
+struct Best {
+    deny: Option<RuleId>,
+    by_name: Option<RuleId>,
+    by_addr: Option<RuleId>,
+    near_miss: Option<(RuleId, DenyReason)>,
+}
+
+impl Best {
+    fn near_miss(&mut self, reason: DenyReason, id: RuleId) {
+        if self.near_miss.is_none_or(|(r, _)| id < r) {
+            self.near_miss = Some((id, reason));
+        }
+    }
+
+    fn decision(&self) -> Decision {
+        if let Some(rule) = self.deny {
+            return Decision::Deny { reason: DenyReason::DeniedByRule, rule: Some(rule) };
+        }
+        if let Some(rule) = self.by_name.or(self.by_addr) {
+            return Decision::Allow { rule };
+        }
+        match self.near_miss {
+            Some((rule, reason)) => Decision::Deny { reason, rule: Some(rule) },
+            None => Decision::deny(DenyReason::NoRule),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
