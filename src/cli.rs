@@ -1,1 +1,264 @@
-pub struct Cli; pub fn run(_: Cli) -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The command line: `run` (the default), `check` and `validate`. All printing lives here.
+//!
+//! Exit codes: 0 success (every destination allowed, for `check`); 1 a destination denied, or a
+//! runtime failure; 2 a configuration error.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::load::{load, Loaded};
+use crate::policy::{Decision, Destination, Host, Policy, Query};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-proxy",
+    version,
+    about = "A default-deny egress proxy: lets out only what the policy allows"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: ConfigArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run(ConfigArgs),
+    /// Say whether destinations would be allowed, and by which rule or for what reason.
+    Check(CheckArgs),
+    /// Check the configuration, print the expanded policy and warn about risky rules.
+    Validate(ConfigArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ConfigArgs {
+    /// Policy file; without it the embedded Azure ML preset is used.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Region for `<region>` (repeatable); overrides `regions` in the file.
+    #[arg(long = "region", value_name = "NAME")]
+    pub regions: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The client address to decide for (rules with `sources`).
+    #[arg(long, value_name = "IP")]
+    source: Option<IpAddr>,
+    /// One JSON object a line.
+    #[arg(long)]
+    json: bool,
+    /// `host[:port]`, `ip[:port]`, `[v6]:port` or a URL; the port defaults to 443.
+    #[arg(required = true, value_name = "DEST")]
+    dests: Vec<String>,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        None => crate::server::main(cli.run),
+        Some(Command::Run(args)) => crate::server::main(args),
+        Some(Command::Check(args)) => check(args),
+        Some(Command::Validate(args)) => validate(args),
+    }
+}
+
+/// Loads the policy, or prints every configuration error and returns exit code 2.
+pub fn load_or_report(args: &ConfigArgs) -> Result<Loaded, ExitCode> {
+    load(args.config.as_deref(), &args.regions).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let loaded = match load_or_report(&args.config) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let policy = &loaded.compiled.policy;
+    let mut all_allowed = true;
+    let mut out = std::io::stdout().lock();
+    for dest in &args.dests {
+        let (shown, decision, addr) = match Destination::parse_loose(dest, 443) {
+            Ok(d) => {
+                let (decision, addr) = decide_with_pins(policy, &loaded, &d, args.source);
+                (d.to_string(), decision, addr)
+            }
+            Err(_) => (
+                dest.clone(),
+                Decision::deny(crate::policy::DenyReason::InvalidHost),
+                None,
+            ),
+        };
+        all_allowed &= decision.is_allow();
+        let line = if args.json {
+            let (rule, reason) = match decision {
+                Decision::Allow { rule } => (Some(policy.rule_name(rule)), None),
+                Decision::Deny { reason, rule } => {
+                    (rule.map(|r| policy.rule_name(r)), Some(reason.as_str()))
+                }
+            };
+            serde_json::json!({
+                "dest": shown,
+                "decision": if decision.is_allow() { "allow" } else { "deny" },
+                "rule": rule,
+                "reason": reason,
+                "addr": addr.map(|a| a.to_string()),
+            })
+            .to_string()
+        } else {
+            let verdict = if decision.is_allow() {
+                "allow"
+            } else {
+                "deny "
+            };
+            let at = addr.map(|a| format!(" addr={a}")).unwrap_or_default();
+            format!("{verdict} {shown} {}{at}", policy.explain(&decision))
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    if all_allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Decides a destination as the proxy would before resolving it, then, for a name pinned in
+/// `[resolve] static`, on each pinned address (the first refused address decides).
+fn decide_with_pins(
+    policy: &Policy,
+    loaded: &Loaded,
+    d: &Destination,
+    source: Option<IpAddr>,
+) -> (Decision, Option<IpAddr>) {
+    let mut q = Query::new(&d.host, d.port);
+    if let Some(s) = source {
+        q = q.from(s);
+    }
+    let first = policy.decide(&q);
+    let Host::Name(name) = &d.host else {
+        return (first, None);
+    };
+    if !first.is_allow() {
+        return (first, None);
+    }
+    let pins = loaded.config.resolve.static_hosts.get(name.as_str());
+    for ip in pins.map(|p| p.get_ref().as_slice()).unwrap_or_default() {
+        let d = policy.check_addr(name, *ip, d.port, source);
+        if !d.is_allow() {
+            return (d, Some(*ip));
+        }
+    }
+    (first, None)
+}
+
+fn validate(args: ConfigArgs) -> ExitCode {
+    let loaded = match load_or_report(&args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let Loaded {
+        config,
+        compiled,
+        tags,
+    } = &loaded;
+    let policy = &compiled.policy;
+    let mut out = std::io::stdout().lock();
+    let ranges: usize = policy.rules().iter().map(|r| r.ranges.len()).sum();
+    let _ = writeln!(
+        out,
+        "{}: {} rules enabled, {} disabled; {} address ranges in {} segments; service tags changeNumber {} ({} tags)",
+        config.source.origin,
+        policy.rules().len(),
+        compiled.disabled.len(),
+        ranges,
+        policy.segment_count(),
+        tags.change_number(),
+        tags.len(),
+    );
+    for r in policy.rules() {
+        let ports: Vec<String> = r
+            .ports
+            .iter()
+            .map(|p| {
+                if p.start() == p.end() {
+                    p.start().to_string()
+                } else {
+                    format!("{}-{}", p.start(), p.end())
+                }
+            })
+            .collect();
+        let mut parts = Vec::new();
+        if !r.patterns.is_empty() {
+            parts.push(format!(
+                "hosts {}",
+                r.patterns
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !r.tags.is_empty() {
+            parts.push(format!(
+                "service_tags {}",
+                r.tags
+                    .iter()
+                    .map(|(t, n)| format!("{t} ({n} prefixes)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !r.cidrs.is_empty() {
+            parts.push(format!(
+                "cidrs {}",
+                r.cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !r.sources.is_empty() {
+            parts.push(format!(
+                "sources {}",
+                r.sources
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let action = format!("{:?}", r.action).to_lowercase();
+        let proto = format!("{:?}", r.protocol).to_lowercase();
+        let _ = writeln!(
+            out,
+            "rule {} {action} {proto} ports {}: {}",
+            r.name,
+            ports.join(","),
+            parts.join("; ")
+        );
+    }
+    if !compiled.disabled.is_empty() {
+        let _ = writeln!(out, "disabled: {}", compiled.disabled.join(", "));
+    }
+    for w in &compiled.warnings {
+        let _ = writeln!(
+            out,
+            "warning: rule {}: {}",
+            w.rule.as_deref().unwrap_or("-"),
+            w.message
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -3,10 +3,20 @@
 //! # Layout
 //! - `policy`: the pure decision engine (hosts, patterns, ranges, built-in protections); no I/O.
 //! - `service_tags`: Azure Service Tags JSON → tag table; no I/O.
+//! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
 //! - `config`: the only code that knows the TOML format; errors name file, line and field.
+//! - `resolve`: `[resolve] static` pins, then DNS (hickory); returns every address.
+//! - `proxy`: decide → resolve → check each address → `Permit` → `dial`; CONNECT, forwarding, tunnels.
+//! - `server`: listeners, connection limits, graceful drain; `run` for the binary and for tests.
+//! - `audit`: one JSON line per decision and per closed connection.
 //! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod load;
 pub mod policy;
+pub mod proxy;
+pub mod resolve;
+pub mod server;
 pub mod service_tags;

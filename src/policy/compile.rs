@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use ipnet::IpNet;
 
 use super::decision::RuleId;
+use super::host::HostName;
 use super::names::{NameIndex, Pattern};
 use super::nets::RangeIndex;
 use super::safety::Safety;
@@ -39,19 +40,61 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         service_tags: _,
         rules,
         safety,
-        resolve: _,
+        resolve,
         audit: _,
-        limits: _,
+        limits,
         source,
     } = config;
-    let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Cx {
+        source,
+        tags,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+
+    // Not policy, but checked here so that every error in the file is reported at once.
+    for (name, addrs) in &resolve.static_hosts {
+        match HostName::parse(name) {
+            Ok(n) if n.as_str() == name => {}
+            Ok(n) => cx.error(
+                addrs.span(),
+                &format!("resolve.static.{name:?}"),
+                format!("not in normalised form; write it as {:?}", n.as_str()),
+            ),
+            Err(e) => cx.error(
+                addrs.span(),
+                &format!("resolve.static.{name:?}"),
+                e.to_string(),
+            ),
+        }
+    }
+    let head = &limits.max_request_head_bytes;
+    if !(MIN_HEAD_BYTES..=MAX_HEAD_BYTES).contains(head.get_ref()) {
+        cx.error(
+            head.span(),
+            "limits.max_request_head_bytes",
+            format!("must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"),
+        );
+    }
+    if limits.max_connections == 0 || limits.max_connections_per_client == 0 {
+        cx.error(
+            0..0,
+            "limits",
+            "max_connections and max_connections_per_client must be at least 1".into(),
+        );
+    }
 
     let regions: Vec<String> = regions
         .iter()
         .filter_map(|r| {
-            let ok = !r.get_ref().is_empty() && r.get_ref().bytes().all(|b| b.is_ascii_alphanumeric());
+            let ok =
+                !r.get_ref().is_empty() && r.get_ref().bytes().all(|b| b.is_ascii_alphanumeric());
             if !ok {
-                cx.error(r.span(), "regions", format!("{:?} is not a region name such as \"westus2\"", r.get_ref()));
+                cx.error(
+                    r.span(),
+                    "regions",
+                    format!("{:?} is not a region name such as \"westus2\"", r.get_ref()),
+                );
             }
             ok.then(|| r.get_ref().clone())
         })
@@ -61,9 +104,17 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         .filter_map(|a| {
             let s = a.get_ref();
             // Azure storage account names: 3-24 lower-case letters and digits.
-            let ok = (3..=24).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            let ok = (3..=24).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
             if !ok {
-                cx.error(a.span(), "storage_accounts", format!("{s:?} is not a storage account name (3-24 lower-case letters and digits)"));
+                cx.error(
+                    a.span(),
+                    "storage_accounts",
+                    format!(
+                        "{s:?} is not a storage account name (3-24 lower-case letters and digits)"
+                    ),
+                );
             }
             ok.then(|| s.clone())
         })
@@ -80,12 +131,23 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
     for (i, rc) in rules.iter().enumerate() {
         let name = rc.name.get_ref();
         let label = format!("rule[{i}] {name:?}");
-        let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !name_ok {
-            cx.error(rc.name.span(), &format!("{label}.name"), "use letters, digits, '-', '_' and '.'".into());
+            cx.error(
+                rc.name.span(),
+                &format!("{label}.name"),
+                "use letters, digits, '-', '_' and '.'".into(),
+            );
         }
         if !seen.insert(name.clone()) {
-            cx.error(rc.name.span(), &format!("{label}.name"), "another rule has this name".into());
+            cx.error(
+                rc.name.span(),
+                &format!("{label}.name"),
+                "another rule has this name".into(),
+            );
         }
         if !rc.enabled {
             disabled.push(name.clone());
@@ -102,19 +164,38 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
     }
 
     let names = NameIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
-        r.patterns.iter().map(move |p| (p.clone(), RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
+        r.patterns
+            .iter()
+            .map(move |p| (p.clone(), RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
     }));
     let names = match names {
         Ok(n) => n,
-        Err(e) => return Err(ConfigErrors(vec![source.error(0..0, "rule.hosts".into(), e.to_string())])),
+        Err(e) => {
+            return Err(ConfigErrors(vec![source.error(
+                0..0,
+                "rule.hosts".into(),
+                e.to_string(),
+            )]))
+        }
     };
     let nets = RangeIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
-        r.ranges.iter().map(move |n| (*n, RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
+        r.ranges
+            .iter()
+            .map(move |n| (*n, RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
     }));
     let mut warnings = cx.warnings;
     warnings.extend(compiled.iter().flat_map(lint));
-    let policy = Policy { rules: compiled, names, nets, safety: Safety::new(allow_internal) };
-    Ok(Compiled { policy, disabled, warnings })
+    let policy = Policy {
+        rules: compiled,
+        names,
+        nets,
+        safety: Safety::new(allow_internal),
+    };
+    Ok(Compiled {
+        policy,
+        disabled,
+        warnings,
+    })
 }
 
 /// Compile context: the source for error positions, the tags, and what was found.
@@ -127,32 +208,64 @@ struct Cx<'a> {
 
 impl Cx<'_> {
     fn error(&mut self, span: std::ops::Range<usize>, field: &str, msg: String) {
-        self.errors.push(self.source.error(span, field.to_string(), msg));
+        self.errors
+            .push(self.source.error(span, field.to_string(), msg));
     }
 
     fn net(&mut self, s: &toml::Spanned<String>, field: String) -> Option<IpNet> {
         match s.get_ref().parse::<IpNet>() {
             Ok(net) if net.trunc() == net => Some(net),
             Ok(net) => {
-                self.error(s.span(), &field, format!("host bits are set; write it as \"{}\"", net.trunc()));
+                self.error(
+                    s.span(),
+                    &field,
+                    format!("host bits are set; write it as \"{}\"", net.trunc()),
+                );
                 None
             }
             Err(_) => {
-                self.error(s.span(), &field, format!("{:?} is not a CIDR range such as \"20.42.0.0/16\"", s.get_ref()));
+                self.error(
+                    s.span(),
+                    &field,
+                    format!(
+                        "{:?} is not a CIDR range such as \"20.42.0.0/16\"",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
         }
     }
 
-    fn rule(&mut self, rc: &RuleConfig, label: &str, regions: &[String], accounts: &[String]) -> Option<Rule> {
-        let RuleConfig { name, action, enabled: _, protocol, hosts, cidrs, service_tags, ports, sources } = rc;
+    fn rule(
+        &mut self,
+        rc: &RuleConfig,
+        label: &str,
+        regions: &[String],
+        accounts: &[String],
+    ) -> Option<Rule> {
+        let RuleConfig {
+            name,
+            action,
+            enabled: _,
+            protocol,
+            hosts,
+            cidrs,
+            service_tags,
+            ports,
+            sources,
+        } = rc;
         let before = self.errors.len();
 
         let mut patterns = Vec::new();
         let mut storage_open = false;
         for (i, h) in hosts.iter().enumerate() {
             let field = format!("{label}.hosts[{i}]");
-            let Some(expanded) = self.expand(h, &field, regions, accounts, |r| r.to_ascii_lowercase()) else { continue };
+            let Some(expanded) =
+                self.expand(h, &field, regions, accounts, |r| r.to_ascii_lowercase())
+            else {
+                continue;
+            };
             if expanded.is_empty() && h.get_ref().contains(STORAGE_ACCOUNT) {
                 storage_open = true;
             }
@@ -168,14 +281,23 @@ impl Cx<'_> {
         let mut tag_names = Vec::new();
         for (i, t) in service_tags.iter().enumerate() {
             let field = format!("{label}.service_tags[{i}]");
-            let Some(expanded) = self.expand(t, &field, regions, accounts, str::to_string) else { continue };
+            let Some(expanded) = self.expand(t, &field, regions, accounts, str::to_string) else {
+                continue;
+            };
             for tag in expanded {
                 match self.tags.get(&tag) {
                     Some((spelled, prefixes)) => {
                         tag_names.push((spelled.to_string(), prefixes.len()));
                         ranges.extend_from_slice(prefixes);
                     }
-                    None => self.error(t.span(), &field, format!("service tag {tag:?} is not in the service-tag file (changeNumber {})", self.tags.change_number())),
+                    None => self.error(
+                        t.span(),
+                        &field,
+                        format!(
+                            "service tag {tag:?} is not in the service-tag file (changeNumber {})",
+                            self.tags.change_number()
+                        ),
+                    ),
                 }
             }
         }
@@ -197,10 +319,18 @@ impl Cx<'_> {
         };
 
         if hosts.is_empty() && ranges.is_empty() {
-            self.error(name.span(), &format!("{label}.name"), "the rule names no destination: give hosts, cidrs or service_tags".into());
+            self.error(
+                name.span(),
+                &format!("{label}.name"),
+                "the rule names no destination: give hosts, cidrs or service_tags".into(),
+            );
         }
         if ports.is_empty() {
-            self.error(name.span(), &format!("{label}.ports"), "an empty port list matches nothing; leave it out for [443]".into());
+            self.error(
+                name.span(),
+                &format!("{label}.ports"),
+                "an empty port list matches nothing; leave it out for [443]".into(),
+            );
         }
         if self.errors.len() > before {
             return None;
@@ -211,7 +341,10 @@ impl Cx<'_> {
             } else {
                 "storage_accounts is empty: the rule's <storage_account> hosts match nothing"
             };
-            self.warnings.push(Warning { rule: Some(name.get_ref().clone()), message: message.into() });
+            self.warnings.push(Warning {
+                rule: Some(name.get_ref().clone()),
+                message: message.into(),
+            });
         }
         Some(Rule {
             name: name.get_ref().as_str().into(),
@@ -240,16 +373,30 @@ impl Cx<'_> {
         let mut out = vec![text.clone()];
         if text.contains(REGION) {
             if regions.is_empty() {
-                self.error(entry.span(), field, format!("{text:?} uses {REGION} but `regions` is empty"));
+                self.error(
+                    entry.span(),
+                    field,
+                    format!("{text:?} uses {REGION} but `regions` is empty"),
+                );
                 return None;
             }
-            out = regions.iter().map(|r| text.replace(REGION, &spell(r))).collect();
+            out = regions
+                .iter()
+                .map(|r| text.replace(REGION, &spell(r)))
+                .collect();
         }
         if text.contains(STORAGE_ACCOUNT) {
-            out = out.iter().flat_map(|t| accounts.iter().map(move |a| t.replace(STORAGE_ACCOUNT, a))).collect();
+            out = out
+                .iter()
+                .flat_map(|t| accounts.iter().map(move |a| t.replace(STORAGE_ACCOUNT, a)))
+                .collect();
         }
         if out.iter().any(|t| t.contains(['<', '>'])) {
-            self.error(entry.span(), field, format!("{text:?}: unknown placeholder (only {REGION} and {STORAGE_ACCOUNT})"));
+            self.error(
+                entry.span(),
+                field,
+                format!("{text:?}: unknown placeholder (only {REGION} and {STORAGE_ACCOUNT})"),
+            );
             return None;
         }
         Some(out)
@@ -259,7 +406,12 @@ impl Cx<'_> {
 /// Flags rules that let traffic reach places anyone can write to.
 fn lint(rule: &Rule) -> Vec<Warning> {
     let mut out = Vec::new();
-    let mut warn = |message: String| out.push(Warning { rule: Some(rule.name.to_string()), message });
+    let mut warn = |message: String| {
+        out.push(Warning {
+            rule: Some(rule.name.to_string()),
+            message,
+        })
+    };
     if rule.action == Action::Deny {
         return out;
     }
@@ -267,9 +419,16 @@ fn lint(rule: &Rule) -> Vec<Warning> {
         let suffix = match p {
             Pattern::Exact(_) => continue,
             Pattern::Suffix(s) => s.as_str(),
-            Pattern::Glob(g) => g.rsplit_once(['*', '?']).map_or("", |(_, s)| s).trim_start_matches(|c| c != '.').trim_start_matches('.'),
+            Pattern::Glob(g) => g
+                .rsplit_once(['*', '?'])
+                .map_or("", |(_, s)| s)
+                .trim_start_matches(|c| c != '.')
+                .trim_start_matches('.'),
         };
-        if let Some((shared, risk)) = SHARED_WRITABLE.iter().find(|(s, _)| suffix == *s || suffix.ends_with(&format!(".{s}"))) {
+        if let Some((shared, risk)) = SHARED_WRITABLE
+            .iter()
+            .find(|(s, _)| suffix == *s || suffix.ends_with(&format!(".{s}")))
+        {
             warn(format!("{p} reaches {shared}: {risk}"));
         } else if psl::suffix_str(suffix) == Some(suffix) {
             warn(format!("{p} is a wildcard on the public suffix {suffix}: anyone can register a name under it"));
@@ -278,30 +437,50 @@ fn lint(rule: &Rule) -> Vec<Warning> {
     for (tag, _) in &rule.tags {
         let lower = tag.to_ascii_lowercase();
         if lower == "azurefrontdoor.frontend" {
-            warn(format!("service tag {tag} is every customer's Front Door endpoint: an exfiltration path"));
-        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty() {
+            warn(format!(
+                "service tag {tag} is every customer's Front Door endpoint: an exfiltration path"
+            ));
+        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty()
+        {
             warn(format!("service tag {tag} is every storage account in its region, anyone's included: restrict it with hosts (storage_accounts)"));
         } else if lower == "azurecloud" || lower.starts_with("azurecloud.") {
-            warn(format!("service tag {tag} is all of Azure, anyone's tenant included"));
+            warn(format!(
+                "service tag {tag} is all of Azure, anyone's tenant included"
+            ));
         }
     }
     out
 }
 
+/// hyper refuses a read buffer under 8 KiB; over 1 MiB a request head is an attack.
+const MIN_HEAD_BYTES: usize = 8 * 1024;
+const MAX_HEAD_BYTES: usize = 1024 * 1024;
 const REGION: &str = "<region>";
 const STORAGE_ACCOUNT: &str = "<storage_account>";
 
 /// Suffixes under which anyone can create a name that serves their own content.
 const SHARED_WRITABLE: &[(&str, &str)] = &[
-    ("core.windows.net", "any Azure customer's storage account can be written to"),
+    (
+        "core.windows.net",
+        "any Azure customer's storage account can be written to",
+    ),
     ("azurefd.net", "any Azure customer's Front Door endpoint"),
     ("azureedge.net", "any Azure customer's CDN endpoint"),
     ("azurewebsites.net", "any Azure customer's web app"),
     ("cloudapp.azure.com", "any Azure customer's virtual machine"),
-    ("trafficmanager.net", "any Azure customer's Traffic Manager profile"),
-    ("servicebus.windows.net", "any Azure customer's Service Bus or Event Hubs namespace"),
+    (
+        "trafficmanager.net",
+        "any Azure customer's Traffic Manager profile",
+    ),
+    (
+        "servicebus.windows.net",
+        "any Azure customer's Service Bus or Event Hubs namespace",
+    ),
     ("amazonaws.com", "any AWS customer's bucket or endpoint"),
     ("cloudfront.net", "any AWS customer's CDN distribution"),
-    ("googleapis.com", "any Google Cloud customer's bucket or endpoint"),
+    (
+        "googleapis.com",
+        "any Google Cloud customer's bucket or endpoint",
+    ),
     ("githubusercontent.com", "any GitHub user's content"),
 ];

@@ -16,10 +16,15 @@ impl RuleId {
 /// positive match by an allow rule ends in `Deny`.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Decision {
-    Allow { rule: RuleId },
+    Allow {
+        rule: RuleId,
+    },
     /// `rule` names the deny rule for `denied_by_rule`, and the rule that nearly matched for
     /// `port_not_allowed`, `source_not_allowed` and `address_not_allowed`.
-    Deny { reason: DenyReason, rule: Option<RuleId> },
+    Deny {
+        reason: DenyReason,
+        rule: Option<RuleId>,
+    },
 }
 
 impl Decision {
@@ -108,7 +113,10 @@ mod tests {
         let names: HashSet<_> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), DenyReason::ALL.len());
         for n in names {
-            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{n}");
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
         }
         let mut sorted = DenyReason::ALL;
         sorted.sort();

@@ -1,0 +1,496 @@
+//! The explicit proxy listener (`[listen] http`): CONNECT tunnels and absolute-form forwarding.
+//!
+//! CONNECT: decide, resolve, check every address, dial, and only then answer 200 and tunnel.
+//! Absolute form (`GET http://host/path`): the same decision, then one upstream HTTP/1.1 exchange
+//! with hop-by-hop headers removed. Origin form to the proxy itself is 400.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dial::dial;
+use super::tunnel::tunnel;
+use super::{authorize, Refusal, State};
+use crate::audit::{Closed, Decided, Listener, Verdict};
+use crate::policy::{DenyReason, Destination, Host, HostError, Policy};
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What every request on one client connection shares.
+pub struct ConnCx {
+    pub state: Arc<State>,
+    pub client: SocketAddr,
+    /// Tracks tunnels and upstream connections, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the shutdown grace period is over.
+    pub stop: CancellationToken,
+    /// Held by every task that serves this connection: the connection's slot in the limits.
+    pub guard: Arc<dyn Send + Sync>,
+}
+
+/// Serves one request.
+pub async fn handle(
+    req: Request<Incoming>,
+    cx: Arc<ConnCx>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let policy = cx.state.policy.load_full();
+    let id = cx.state.next_id();
+    let method = req.method().clone();
+    let target = Target::of(&req);
+    let outcome = if method == Method::CONNECT {
+        connect(req, &cx, &policy, id, &target).await
+    } else {
+        forward(req, &cx, &policy, id, &target).await
+    };
+    Ok(outcome.unwrap_or_else(|refusal| {
+        record_refusal(&cx, &policy, id, method.as_str(), &target, &refusal);
+        refusal_response(&refusal)
+    }))
+}
+
+/// The destination as the client asked for it: parsed when it parses, raw for the audit log.
+struct Target {
+    raw: String,
+    dest: Result<Destination, Refusal>,
+}
+
+impl Target {
+    fn of(req: &Request<Incoming>) -> Self {
+        let uri = req.uri();
+        let raw: String = uri
+            .authority()
+            .map_or_else(|| uri.to_string(), |a| a.to_string())
+            .chars()
+            .take(MAX_AUDIT_HOST)
+            .collect();
+        Self {
+            raw,
+            dest: destination(req),
+        }
+    }
+
+    fn host(&self) -> String {
+        match &self.dest {
+            Ok(d) => d.host.to_string(),
+            Err(_) => self.raw.clone(),
+        }
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.dest.as_ref().ok().map(|d| d.port)
+    }
+}
+
+/// Validates the request line and headers and returns the destination it names.
+fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
+    let uri = req.uri();
+    let headers = req.headers();
+    let hosts: Vec<&HeaderValue> = headers.get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(Refusal::BadRequest("more than one Host header"));
+    }
+    let authority = if req.method() == Method::CONNECT {
+        // hyper only accepts authority form for CONNECT; anything else has no authority here.
+        if uri.scheme().is_some()
+            || uri
+                .path_and_query()
+                .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(Refusal::BadRequest("CONNECT takes host:port"));
+        }
+        if has_body(headers) {
+            return Err(Refusal::BadRequest("CONNECT with a body"));
+        }
+        uri.authority()
+            .ok_or(Refusal::BadRequest("CONNECT takes host:port"))?
+    } else {
+        match (uri.scheme_str(), uri.authority()) {
+            (Some("http"), Some(a)) => a,
+            (Some(_), Some(_)) => {
+                return Err(Refusal::BadRequest(
+                    "only http:// URLs are forwarded; use CONNECT for TLS",
+                ))
+            }
+            _ => {
+                return Err(Refusal::BadRequest(
+                    "this is a proxy: send CONNECT or an absolute-form request",
+                ))
+            }
+        }
+    };
+    if let Some(host) = hosts.first() {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            && !host_matches_default_port(host, authority.as_str(), req.method())
+        {
+            return Err(Refusal::BadRequest(
+                "Host header conflicts with the request target",
+            ));
+        }
+    }
+    let parsed = if req.method() == Method::CONNECT || authority.port().is_some() {
+        Destination::parse_authority(authority.as_str())
+    } else {
+        Host::parse(authority.host()).map(|host| Destination { host, port: 80 })
+    };
+    parsed.map_err(|e| match e {
+        HostError::InvalidPort | HostError::Userinfo => Refusal::BadRequest("malformed host:port"),
+        _ => Refusal::Policy {
+            reason: DenyReason::InvalidHost,
+            rule: None,
+        },
+    })
+}
+
+/// `Host: example.com` agrees with `http://example.com:80/`.
+fn host_matches_default_port(host: &HeaderValue, authority: &str, method: &Method) -> bool {
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let default = if method == Method::CONNECT {
+        return false;
+    } else {
+        ":80"
+    };
+    authority
+        .strip_suffix(default)
+        .is_some_and(|a| a.eq_ignore_ascii_case(host))
+        || host
+            .strip_suffix(default)
+            .is_some_and(|h| h.eq_ignore_ascii_case(authority))
+}
+
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+async fn connect(
+    req: Request<Incoming>,
+    cx: &Arc<ConnCx>,
+    policy: &Policy,
+    id: u64,
+    target: &Target,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let dest = target.dest.clone()?;
+    let state = &cx.state;
+    let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
+    let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
+    let rule = permit
+        .rule_for(addr)
+        .map(|r| policy.rule_name(r).to_string());
+    let host = dest.host.to_string();
+    state.audit.decided(&Decided {
+        id,
+        client: cx.client,
+        listener: Listener::Http,
+        method: Some("CONNECT"),
+        host: Some(&host),
+        port: Some(dest.port),
+        dst_addr: Some(addr),
+        decision: Verdict::Allow,
+        rule: rule.as_deref(),
+        reason: None,
+    });
+    let cx2 = Arc::clone(cx);
+    cx.tracker.spawn(async move {
+        let started = Instant::now();
+        let (up, down) = match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let t = tunnel(
+                    TokioIo::new(upgraded),
+                    upstream,
+                    cx2.state.limits.idle_timeout,
+                    cx2.stop.clone(),
+                )
+                .await;
+                tracing::debug!(id, end = ?t.end, "Tunnel closed");
+                (t.up, t.down)
+            }
+            Err(e) => {
+                tracing::debug!(id, error = %e, "CONNECT upgrade failed");
+                (0, 0)
+            }
+        };
+        cx2.state.audit.closed(&Closed {
+            id,
+            client: cx2.client,
+            listener: Listener::Http,
+            host: Some(&host),
+            port: Some(dest.port),
+            dst_addr: Some(addr),
+            rule: rule.as_deref(),
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: millis(started),
+        });
+    });
+    Ok(Response::new(empty()))
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    cx: &Arc<ConnCx>,
+    policy: &Policy,
+    id: u64,
+    target: &Target,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let dest = target.dest.clone()?;
+    let state = &cx.state;
+    let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
+    let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
+    let rule = permit
+        .rule_for(addr)
+        .map(|r| policy.rule_name(r).to_string());
+    let host = dest.host.to_string();
+    state.audit.decided(&Decided {
+        id,
+        client: cx.client,
+        listener: Listener::Http,
+        method: Some(req.method().as_str()),
+        host: Some(&host),
+        port: Some(dest.port),
+        dst_addr: Some(addr),
+        decision: Verdict::Allow,
+        rule: rule.as_deref(),
+        reason: None,
+    });
+    let close = CloseRecord {
+        state: Arc::clone(&cx.state),
+        closed: OwnedClosed {
+            id,
+            client: cx.client,
+            host,
+            port: dest.port,
+            addr,
+            rule,
+        },
+        up: Arc::new(AtomicU64::new(0)),
+        down: Arc::new(AtomicU64::new(0)),
+        started: Instant::now(),
+    };
+
+    // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *req.uri_mut() =
+        Uri::try_from(path).map_err(|_| Refusal::BadRequest("malformed request target"))?;
+    strip_hop_by_hop(req.headers_mut());
+    let host_value = HeaderValue::from_str(&authority)
+        .map_err(|_| Refusal::BadRequest("malformed authority"))?;
+    req.headers_mut().insert(header::HOST, host_value);
+    let up = Arc::clone(&close.up);
+    let req = req.map(|b| Counted::new(b, up, None).boxed());
+
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+        .await
+        .map_err(|_| Refusal::UpstreamProtocol)?;
+    let stop = cx.stop.clone();
+    cx.tracker.spawn(async move {
+        tokio::select! {
+            r = conn => if let Err(e) = r { tracing::debug!(error = %e, "Upstream connection ended with an error") },
+            () = stop.cancelled() => {}
+        }
+    });
+    let response = tokio::time::timeout(state.limits.idle_timeout, sender.send_request(req))
+        .await
+        .map_err(|_| Refusal::UpstreamTimeout)?
+        .map_err(|_| Refusal::UpstreamProtocol)?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let down = Arc::clone(&close.down);
+    let body = Counted::new(body, down, Some(close)).boxed();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Writes the audit line for a refusal; called before the client is answered.
+fn record_refusal(
+    cx: &ConnCx,
+    policy: &Policy,
+    id: u64,
+    method: &str,
+    target: &Target,
+    refusal: &Refusal,
+) {
+    let host = target.host();
+    cx.state.audit.decided(&Decided {
+        id,
+        client: cx.client,
+        listener: Listener::Http,
+        method: Some(method),
+        host: Some(&host),
+        port: target.port(),
+        dst_addr: None,
+        decision: refusal.verdict(),
+        rule: refusal.rule().map(|r| policy.rule_name(r)),
+        reason: Some(refusal.reason()),
+    });
+    tracing::info!(id, client.addr = %cx.client, dst.host = %host, reason = refusal.reason(), "Refused");
+}
+
+/// The response for a refusal: status, one-line body, `X-Egress-Deny-Reason`, and `Connection:
+/// close` so that nothing more is read from this client.
+pub fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(r.body()));
+    *resp.status_mut() = r.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(DENY_REASON, HeaderValue::from_static(r.reason()));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including those the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub const DENY_REASON: HeaderName = HeaderName::from_static("x-egress-deny-reason");
+const MAX_AUDIT_HOST: usize = 300;
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(text: String) -> ProxyBody {
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+// === forwarding bookkeeping ===
+
+struct OwnedClosed {
+    id: u64,
+    client: SocketAddr,
+    host: String,
+    port: u16,
+    addr: SocketAddr,
+    rule: Option<String>,
+}
+
+/// Writes the close line of a forwarded request when the response body is done or dropped.
+struct CloseRecord {
+    state: Arc<State>,
+    closed: OwnedClosed,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Drop for CloseRecord {
+    fn drop(&mut self) {
+        let c = &self.closed;
+        self.state.audit.closed(&Closed {
+            id: c.id,
+            client: c.client,
+            listener: Listener::Http,
+            host: Some(&c.host),
+            port: Some(c.port),
+            dst_addr: Some(c.addr),
+            rule: c.rule.as_deref(),
+            bytes_up: self.up.load(Ordering::Relaxed),
+            bytes_down: self.down.load(Ordering::Relaxed),
+            duration_ms: millis(self.started),
+        });
+    }
+}
+
+/// A body that counts the bytes that pass through it, and writes the close line (if it carries
+/// one) when it is dropped.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    _close: Option<CloseRecord>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, count: Arc<AtomicU64>, close: Option<CloseRecord>) -> Self {
+        Self {
+            inner,
+            count,
+            _close: close,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let n = data.len() as u64;
+                self.count.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,116 @@
+//! Every way the proxy refuses, and the one table that maps each to an HTTP status and a name.
+//!
+//! The client's fault (400) is kept apart from the upstream's (502/504) and from the policy (403).
+
+use http::StatusCode;
+
+use crate::audit::Verdict;
+use crate::policy::{DenyReason, RuleId};
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Refusal {
+    /// The policy said no.
+    Policy {
+        reason: DenyReason,
+        rule: Option<RuleId>,
+    },
+    /// The request is malformed or not something a forward proxy serves.
+    BadRequest(&'static str),
+    /// The client did not send a whole request head in time.
+    HeadTimeout,
+    /// The proxy is at its connection limit, overall or for this client.
+    ConnectionLimit,
+    /// The name does not resolve.
+    ResolveFailed,
+    /// Every address refused the connection or was unreachable.
+    UpstreamUnreachable,
+    /// No address answered within the connect timeout.
+    UpstreamTimeout,
+    /// The upstream answered with something that is not HTTP.
+    UpstreamProtocol,
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Policy { .. } => StatusCode::FORBIDDEN,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable snake_case name: audit `reason`, metric label, `X-Egress-Deny-Reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Policy { reason, .. } => reason.as_str(),
+            Self::BadRequest(_) => "bad_request",
+            Self::HeadTimeout => "request_head_timeout",
+            Self::ConnectionLimit => "connection_limit",
+            Self::ResolveFailed => "resolve_failed",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamProtocol => "upstream_protocol_error",
+        }
+    }
+
+    /// `deny` when the proxy refused, `fail` when the policy allowed but the upstream failed.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Self::Policy { .. }
+            | Self::BadRequest(_)
+            | Self::HeadTimeout
+            | Self::ConnectionLimit => Verdict::Deny,
+            Self::ResolveFailed
+            | Self::UpstreamUnreachable
+            | Self::UpstreamTimeout
+            | Self::UpstreamProtocol => Verdict::Fail,
+        }
+    }
+
+    pub fn rule(&self) -> Option<RuleId> {
+        match self {
+            Self::Policy { rule, .. } => *rule,
+            _ => None,
+        }
+    }
+
+    /// The one-line body sent with the status.
+    pub fn body(&self) -> String {
+        match self {
+            Self::BadRequest(why) => format!("egress-proxy: bad_request: {why}\n"),
+            other => format!("egress-proxy: refused: {}\n", other.reason()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_keep_client_policy_and_upstream_faults_apart() {
+        let cases = [
+            (
+                Refusal::Policy {
+                    reason: DenyReason::NoRule,
+                    rule: None,
+                },
+                403,
+                "no_rule",
+            ),
+            (Refusal::BadRequest("x"), 400, "bad_request"),
+            (Refusal::ConnectionLimit, 503, "connection_limit"),
+            (Refusal::ResolveFailed, 502, "resolve_failed"),
+            (Refusal::UpstreamUnreachable, 502, "upstream_unreachable"),
+            (Refusal::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (r, status, name) in cases {
+            assert_eq!((r.status().as_u16(), r.reason()), (status, name));
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Name resolution for the proxy: `[resolve] static` first, then DNS through hickory-resolver with
+//! the system's resolver configuration. hickory caches answers for their TTL.
+//!
+//! Returns every address; the caller checks each one against the policy before dialling any.
+//! Names are queried fully qualified (with a trailing dot) so that no search domain is appended.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hickory_resolver::TokioAsyncResolver;
+use tokio::sync::OnceCell;
+
+use crate::policy::{fold_mapped, HostName};
+
+pub struct Resolver {
+    pins: HashMap<HostName, Vec<IpAddr>>,
+    dns: OnceCell<TokioAsyncResolver>,
+    timeout: Duration,
+    lookups: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("the name does not resolve")]
+    NoAddress,
+    #[error("DNS lookup timed out")]
+    Timeout,
+    #[error("no DNS resolver is configured")]
+    NoResolver,
+}
+
+impl Resolver {
+    pub fn new(pins: HashMap<HostName, Vec<IpAddr>>, timeout: Duration) -> Self {
+        Self {
+            pins,
+            dns: OnceCell::new(),
+            timeout,
+            lookups: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Every address of `name`, pinned ones first and exclusively when pinned.
+    pub async fn resolve(&self, name: &HostName) -> Result<Vec<IpAddr>, ResolveError> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let result = self.lookup(name).await;
+        if result.is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Lookups asked of this resolver, pinned or not.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, ResolveError> {
+        if let Some(pinned) = self.pins.get(name) {
+            return Ok(pinned.clone());
+        }
+        let dns = self
+            .dns
+            .get_or_try_init(|| async { TokioAsyncResolver::tokio_from_system_conf() })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "Cannot read the system resolver configuration");
+                ResolveError::NoResolver
+            })?;
+        let fqdn = format!("{name}.");
+        match tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str())).await {
+            Err(_) => Err(ResolveError::Timeout),
+            Ok(Err(_)) => Err(ResolveError::NoAddress),
+            Ok(Ok(answer)) => {
+                let addrs: Vec<IpAddr> = answer.iter().map(fold_mapped).collect();
+                if addrs.is_empty() {
+                    Err(ResolveError::NoAddress)
+                } else {
+                    Ok(addrs)
+                }
+            }
+        }
+    }
+}

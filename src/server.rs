@@ -1,0 +1,351 @@
+//! Binds the listeners, accepts connections within the limits, and drains on shutdown.
+//!
+//! `run` takes bound listeners and a shutdown token, so tests bind 127.0.0.1:0 and pass them in.
+//! On shutdown: stop accepting, let open connections and tunnels finish for the grace period,
+//! then close what is left.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::audit::{Audit, Decided, Listener, Verdict};
+use crate::cli::{load_or_report, ConfigArgs};
+use crate::load::Loaded;
+use crate::policy::HostName;
+use crate::proxy::http::{handle, refusal_response, ConnCx};
+use crate::proxy::{Limits, Refusal, State};
+use crate::resolve::Resolver;
+
+/// The bound listeners; each is optional.
+#[derive(Default)]
+pub struct Listeners {
+    pub http: Option<TcpListener>,
+}
+
+/// Builds the shared state for a loaded configuration.
+pub fn state(loaded: Loaded) -> std::io::Result<State> {
+    let Loaded {
+        config, compiled, ..
+    } = loaded;
+    let pins = config
+        .resolve
+        .static_hosts
+        .iter()
+        .filter_map(|(name, addrs)| {
+            HostName::parse(name)
+                .ok()
+                .map(|n| (n, addrs.get_ref().clone()))
+        })
+        .collect();
+    let resolver = Resolver::new(pins, config.resolve.timeout.0);
+    let audit_path = config.audit.path.clone().unwrap_or_else(|| "-".into());
+    let audit_path = if audit_path == "-" {
+        audit_path
+    } else {
+        config.relative_path(&audit_path).display().to_string()
+    };
+    let audit = Audit::open(&audit_path)?;
+    Ok(State::new(
+        compiled.policy,
+        resolver,
+        audit,
+        Limits::from(&config.limits),
+    ))
+}
+
+/// `egress-proxy run`: load, bind, serve until SIGTERM or SIGINT, drain, exit 0.
+pub fn main(args: ConfigArgs) -> ExitCode {
+    init_tracing();
+    let loaded = match load_or_report(&args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    for w in &loaded.compiled.warnings {
+        tracing::warn!(rule = w.rule.as_deref().unwrap_or("-"), "{}", w.message);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the runtime");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let http_addr = loaded.config.listen.http;
+        let Some(http_addr) = http_addr else {
+            tracing::error!("No listener is configured: set [listen] http");
+            return ExitCode::from(2);
+        };
+        let origin = loaded.config.source.origin.to_string();
+        let rules = loaded.compiled.policy.rules().len();
+        let state = match state(loaded) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot open the audit log");
+                return ExitCode::from(1);
+            }
+        };
+        let http = match TcpListener::bind(http_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %http_addr, error = %e, "Cannot bind the http listener");
+                return ExitCode::from(1);
+            }
+        };
+        let bound = http
+            .local_addr()
+            .map_or_else(|_| http_addr.to_string(), |a| a.to_string());
+        tracing::info!(listener = "http", addr = %bound, config = %origin, rules, "Listening");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        run(Listeners { http: Some(http) }, state, shutdown).await;
+        tracing::info!("Stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Serves until `shutdown` is cancelled, then drains.
+pub async fn run(listeners: Listeners, state: Arc<State>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let admission = Arc::new(Admission::new(&state.limits));
+    let mut accepts = Vec::new();
+    if let Some(l) = listeners.http {
+        let (state, tracker, stop, shutdown, admission) = (
+            state.clone(),
+            tracker.clone(),
+            stop.clone(),
+            shutdown.clone(),
+            admission.clone(),
+        );
+        accepts.push(tokio::spawn(accept_http(
+            l, state, tracker, stop, shutdown, admission,
+        )));
+    }
+    shutdown.cancelled().await;
+    for a in accepts {
+        let _ = a.await;
+    }
+    tracker.close();
+    let grace = state.limits.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "Grace period over: closing open connections"
+        );
+        stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+    }
+}
+
+async fn accept_http(
+    listener: TcpListener,
+    state: Arc<State>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+    admission: Arc<Admission>,
+) {
+    loop {
+        let (stream, client) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match admission.admit(client.ip()) {
+            Some(slot) => {
+                let cx = Arc::new(ConnCx {
+                    state: state.clone(),
+                    client,
+                    tracker: tracker.clone(),
+                    stop: stop.clone(),
+                    guard: Arc::new(slot),
+                });
+                let span = tracing::info_span!("conn", client.addr = %client, listener = "http");
+                tracker.spawn(serve_http(stream, cx, shutdown.clone()).instrument(span));
+            }
+            None => match admission.overflow.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tracker.spawn(reject(stream, client, state.clone(), permit));
+                }
+                Err(_) => drop(stream),
+            },
+        }
+    }
+}
+
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.request_head_timeout)
+        .max_buf_size(limits.max_request_head_bytes)
+        .half_close(false);
+    b
+}
+
+async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationToken) {
+    let limits = cx.state.limits;
+    let svc_cx = cx.clone();
+    let svc = service_fn(move |req| handle(req, svc_cx.clone()));
+    let conn = http1_builder(&limits)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        let refusal = if e.is_timeout() {
+            Some(Refusal::HeadTimeout)
+        } else if e.is_parse() || e.is_parse_too_large() {
+            Some(Refusal::BadRequest("malformed request"))
+        } else {
+            None
+        };
+        match refusal {
+            Some(r) => record_connection_refusal(&cx.state, cx.client, &r),
+            None => tracing::debug!(error = %e, "Connection ended with an error"),
+        }
+    }
+}
+
+/// Answers 503 to a client over a limit, then closes.
+async fn reject(
+    stream: TcpStream,
+    client: SocketAddr,
+    state: Arc<State>,
+    _permit: OwnedSemaphorePermit,
+) {
+    record_connection_refusal(&state, client, &Refusal::ConnectionLimit);
+    let svc = service_fn(|_req| async {
+        Ok::<_, std::convert::Infallible>(refusal_response(&Refusal::ConnectionLimit))
+    });
+    let _ = http1_builder(&state.limits)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
+/// An audit line for a refusal that has no request to speak of: a slow or malformed head, a limit.
+fn record_connection_refusal(state: &State, client: SocketAddr, r: &Refusal) {
+    state.audit.decided(&Decided {
+        id: state.next_id(),
+        client,
+        listener: Listener::Http,
+        method: None,
+        host: None,
+        port: None,
+        dst_addr: None,
+        decision: Verdict::Deny,
+        rule: None,
+        reason: Some(r.reason()),
+    });
+    tracing::info!(client.addr = %client, reason = r.reason(), "Connection refused");
+}
+
+/// Connection limits: overall and per client address.
+struct Admission {
+    total: Arc<Semaphore>,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_client: usize,
+    /// Bounds the tasks that answer 503, so that a flood cannot grow them without limit.
+    overflow: Arc<Semaphore>,
+}
+
+/// A connection's place in the limits, given back on drop.
+struct Slot {
+    _total: OwnedSemaphorePermit,
+    client: IpAddr,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Admission {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            per_client: Arc::default(),
+            max_per_client: limits.max_connections_per_client,
+            overflow: Arc::new(Semaphore::new(OVERFLOW_ANSWERS)),
+        }
+    }
+
+    fn admit(&self, client: IpAddr) -> Option<Slot> {
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        let mut map = self.per_client.lock().ok()?;
+        let n = map.entry(client).or_insert(0);
+        if *n >= self.max_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            _total: total,
+            client,
+            per_client: self.per_client.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.per_client.lock() {
+            if let Some(n) = map.get_mut(&self.client) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.client);
+                }
+            }
+        }
+    }
+}
+
+const OVERFLOW_ANSWERS: usize = 64;
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_PROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
