@@ -1,0 +1,335 @@
+//! Test harness: an in-process proxy on 127.0.0.1:0 with its own config and audit file, a TLS
+//! origin with an rcgen certificate, a plain HTTP origin, and a TCP echo server. Every socket is
+//! on loopback; names reach the origins through `[resolve] static`.
+#![allow(dead_code, clippy::disallowed_methods)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use egress_proxy::load::load;
+use egress_proxy::proxy::State;
+use egress_proxy::server::{self, Listeners};
+
+pub const TAGS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/ServiceTags_Public_20251020.azureml-subset.json"
+);
+pub const BIG: usize = 10 * 1024 * 1024;
+
+/// A running proxy.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    pub audit_path: PathBuf,
+    pub shutdown: CancellationToken,
+    pub done: tokio::task::JoinHandle<()>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Starts a proxy on 127.0.0.1:0 with `rules` (TOML) appended to a base config that pins
+    /// names, allows loopback and writes the audit log to a file.
+    pub async fn start(rules: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_path = dir.path().join("audit.jsonl");
+        let text = format!(
+            "[service_tags]\nfile = {TAGS:?}\n[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{rules}",
+            audit_path.display().to_string()
+        );
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(&config, text).unwrap();
+        let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
+        let state = Arc::new(server::state(loaded).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let done = tokio::spawn(server::run(
+            Listeners {
+                http: Some(listener),
+            },
+            state.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            state,
+            audit_path,
+            shutdown,
+            done,
+            dir,
+        }
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        read_audit(&self.audit_path)
+    }
+
+    /// Waits (bounded) until the audit log holds at least `n` lines, and returns them.
+    pub async fn audit_at_least(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let lines = self.audit();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("audit log has fewer than {n} lines: {:#?}", self.audit());
+    }
+
+    pub fn reqwest(&self, ca_pem: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(format!("http://{}", self.addr)).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+}
+
+pub fn read_audit(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// The deterministic 10 MB body the origins serve at `/big`.
+pub fn big_body() -> Vec<u8> {
+    (0..BIG)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8)
+        .collect()
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An HTTPS origin on 127.0.0.1:0 whose certificate names `names`, signed by a test CA.
+pub struct TlsOrigin {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub ca_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsOrigin {
+    pub async fn start(names: &[&str]) -> Self {
+        let (ca_pem, cert_der, key_der) = certificates(names);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der], key_der)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let big = Bytes::from(big_body());
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let big = big.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                    let svc = service_fn(move |req| origin_service(req, sni.clone(), big.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, &ca_pem).unwrap();
+        Self {
+            addr,
+            ca_pem,
+            ca_path,
+            _dir: dir,
+        }
+    }
+}
+
+/// A plain HTTP origin on 127.0.0.1:0.
+pub async fn http_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let big = Bytes::from(big_body());
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let big = big.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| origin_service(req, "plain".into(), big.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP echo server on 127.0.0.1:0.
+pub async fn echo_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `/` → `hello from SNI`; `/big` → the 10 MB body; `/slow` → the 10 MB body over about 1.5 s;
+/// `/echo` → the SHA-256 of the request body and the request's header names.
+async fn origin_service(
+    req: Request<Incoming>,
+    sni: String,
+    big: Bytes,
+) -> Result<Response<OriginBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let headers: Vec<String> = req
+        .headers()
+        .keys()
+        .map(|k| k.as_str().to_string())
+        .collect();
+    let body: OriginBody = match path.as_str() {
+        "/big" => Full::new(big).boxed(),
+        "/slow" => Slow {
+            rest: big,
+            sleep: None,
+        }
+        .boxed(),
+        "/echo" => {
+            let bytes = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let text = format!("{} {}\n{}", bytes.len(), sha256(&bytes), headers.join(","));
+            Full::new(Bytes::from(text)).boxed()
+        }
+        _ => Full::new(Bytes::from(format!("hello from {sni}"))).boxed(),
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert("keep-alive", "timeout=5".parse().unwrap());
+    resp.headers_mut()
+        .insert("x-origin", "yes".parse().unwrap());
+    Ok(resp)
+}
+
+/// A body that yields 64 KiB chunks with a short pause between them.
+struct Slow {
+    rest: Bytes,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for Slow {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(9))));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.sleep = None;
+        let n = self.rest.len().min(64 * 1024);
+        let chunk = self.rest.split_to(n);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+}
+
+fn certificates(
+    names: &[&str],
+) -> (
+    String,
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "egress-proxy test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    (ca.pem(), leaf.der().clone(), key)
+}
+
+/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes.
+pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(send).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (out, closed)
+}
