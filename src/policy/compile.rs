@@ -318,7 +318,7 @@ impl Cx<'_> {
             None => vec![443..=443],
         };
 
-        if hosts.is_empty() && ranges.is_empty() {
+        if hosts.is_empty() && cidrs.is_empty() && service_tags.is_empty() {
             self.error(
                 name.span(),
                 &format!("{label}.name"),

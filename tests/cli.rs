@@ -1,0 +1,225 @@
+//! The command line: `check` and `validate` output and exit codes, and `run` as a real process
+//! that drains and exits 0 on SIGTERM.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_egress-proxy");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_prints_one_line_per_destination_and_exits_1_when_any_is_denied() {
+    let (code, out, _) = run(&[
+        "check",
+        "ml.azure.com",
+        "https://x.westus2.batch.azure.com/path",
+        "evil.example.com",
+        "ml.azure.com:80",
+        "169.254.169.254",
+        "0x7f.1",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "allow ml.azure.com:443 rule=azureml",
+            "allow x.westus2.batch.azure.com:443 rule=azure-batch",
+            "deny  evil.example.com:443 reason=no_rule",
+            "deny  ml.azure.com:80 reason=port_not_allowed rule=azureml",
+            "deny  169.254.169.254:443 reason=internal_address",
+            "deny  0x7f.1 reason=invalid_host",
+        ]
+    );
+    let (code, out, _) = run(&["check", "mcr.microsoft.com", "ml.azure.com"]);
+    assert_eq!((code, out.lines().count()), (0, 2));
+}
+
+#[test]
+fn check_json_and_region_override() {
+    let (code, out, _) = run(&[
+        "check",
+        "--json",
+        "--region",
+        "eastus",
+        "x.eastus.batch.azure.com",
+        "x.westus2.batch.azure.com",
+    ]);
+    assert_eq!(code, 1);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["decision"], "allow");
+    assert_eq!(lines[0]["rule"], "azure-batch");
+    assert_eq!(lines[1]["decision"], "deny");
+    assert_eq!(lines[1]["reason"], "no_rule");
+}
+
+#[test]
+fn check_uses_source_and_static_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[resolve.static]\n\"api.example.com\" = [\"10.1.2.3\"]\n\
+         [[rule]]\nname = \"team\"\naction = \"allow\"\nhosts = [\"api.example.com\", \"docs.example.com\"]\nsources = [\"192.168.10.0/24\"]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, out, _) = run(&[
+        "check",
+        "--config",
+        c,
+        "--source",
+        "192.168.10.7",
+        "docs.example.com",
+        "api.example.com",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "allow docs.example.com:443 rule=team\ndeny  api.example.com:443 reason=internal_address addr=10.1.2.3\n");
+    let (_, out, _) = run(&[
+        "check",
+        "--config",
+        c,
+        "--source",
+        "192.168.11.7",
+        "docs.example.com",
+    ]);
+    assert_eq!(
+        out,
+        "deny  docs.example.com:443 reason=source_not_allowed rule=team\n"
+    );
+}
+
+#[test]
+fn config_errors_exit_2_and_name_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "regions = [\"westus2\"]\n\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"ok.example.com\"]\nportz = [443]\n").unwrap();
+    for sub in ["check", "validate", "run"] {
+        let mut args = vec![sub, "--config", cfg.to_str().unwrap()];
+        if sub == "check" {
+            args.push("ok.example.com");
+        }
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{sub}");
+        assert!(
+            err.contains(&format!(
+                "{}:7:1: rule[0].portz: unknown field `portz`",
+                cfg.display()
+            )),
+            "{sub}: {err}"
+        );
+    }
+    let (code, _, err) = run(&["validate", "--config", "/nonexistent/egress.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("/nonexistent/egress.toml: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_prints_the_expanded_policy_and_warns_about_open_storage() {
+    let (code, out, _) = run(&[
+        "validate",
+        "--region",
+        "WestUS2",
+        "--region",
+        "francecentral",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("<embedded config/azureml.toml>: 9 rules enabled, 6 disabled;"),
+        "{out}"
+    );
+    assert!(out.contains("rule azure-batch allow tcp ports 443: hosts *.westus2.batch.azure.com, *.francecentral.batch.azure.com, *.westus2.service.batch.azure.com, *.francecentral.service.batch.azure.com\n"), "{out}");
+    assert!(out.contains("service_tags BatchNodeManagement.WestUS2 (13 prefixes), BatchNodeManagement.FranceCentral (9 prefixes)"), "{out}");
+    assert!(
+        out.contains("warning: rule storage: storage_accounts is empty"),
+        "{out}"
+    );
+    assert!(!out.contains("AzureFrontDoor.Frontend"), "{out}");
+}
+
+#[test]
+fn run_serves_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    let tags = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/ServiceTags_Public_20251020.azureml-subset.json"
+    );
+    std::fs::write(
+        &cfg,
+        format!("[listen]\nhttp = \"127.0.0.1:0\"\n[service_tags]\nfile = {tags:?}\n[audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\n"),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.split("addr=").nth(1) {
+            addr = rest.split_whitespace().next().map(|a| a.to_string());
+        }
+        line.clear();
+    }
+    let addr = addr.expect("the proxy logs its bound address");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"reason\":\"no_rule\""),
+        "the audit path is relative to the config file: {audit}"
+    );
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the child if the test fails before it exits, so that no proxy outlives its test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
