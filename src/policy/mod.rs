@@ -200,7 +200,8 @@ impl Policy {
         }
         if !rule.ranges.is_empty() {
             match q.addr {
-                Some(_) if in_range.binary_search(&id).is_err() => {
+                // A rule reached through its address is in range by construction.
+                Some(_) if by_name && in_range.binary_search(&id).is_err() => {
                     if rule.action == Action::Allow {
                         best.near_miss(DenyReason::AddressNotAllowed, id);
                     }

@@ -25,6 +25,9 @@ struct Segments<T> {
     starts: Vec<T>,
     /// Inclusive end and rule-set index of the segment at the same position in `starts`.
     ends: Vec<(T, u32)>,
+    /// `buckets[p]` is the index of the first segment starting at or after the 16-bit prefix `p`,
+    /// so a lookup binary-searches only the few segments that start under its own prefix.
+    buckets: Vec<u32>,
 }
 
 impl<T> Default for Segments<T> {
@@ -32,6 +35,7 @@ impl<T> Default for Segments<T> {
         Self {
             starts: Vec::new(),
             ends: Vec::new(),
+            buckets: Vec::new(),
         }
     }
 }
@@ -75,11 +79,22 @@ impl RangeIndex {
     }
 }
 
-impl<T: Copy + Ord> Segments<T> {
+impl<T: Addr> Segments<T> {
     fn find(&self, x: T) -> Option<u32> {
-        let i = self.starts.partition_point(|&s| s <= x).checked_sub(1)?;
+        let p = x.bucket();
+        let lo = *self.buckets.get(p)? as usize;
+        let hi = *self.buckets.get(p + 1)? as usize;
+        let within = self.starts.get(lo..hi)?.partition_point(|&s| s <= x);
+        let i = (lo + within).checked_sub(1)?;
         let &(end, set) = self.ends.get(i)?;
         (x <= end).then_some(set)
+    }
+
+    fn index_buckets(&mut self) {
+        let count = |p: usize| {
+            u32::try_from(self.starts.partition_point(|s| s.bucket() < p)).unwrap_or(u32::MAX)
+        };
+        self.buckets = (0..=BUCKETS).map(count).collect();
     }
 }
 
@@ -105,12 +120,17 @@ impl Interner {
 /// Integer address types: one step up, with `None` past the top of the space.
 trait Addr: Copy + Ord {
     const MAX: Self;
+    /// The top 16 bits.
+    fn bucket(self) -> usize;
     fn next(self) -> Option<Self>;
     fn prev(self) -> Self;
 }
 
 impl Addr for u32 {
     const MAX: Self = u32::MAX;
+    fn bucket(self) -> usize {
+        (self >> 16) as usize
+    }
     fn next(self) -> Option<Self> {
         self.checked_add(1)
     }
@@ -121,6 +141,9 @@ impl Addr for u32 {
 
 impl Addr for u128 {
     const MAX: Self = u128::MAX;
+    fn bucket(self) -> usize {
+        (self >> 112) as usize
+    }
     fn next(self) -> Option<Self> {
         self.checked_add(1)
     }
@@ -166,8 +189,11 @@ fn sweep<T: Addr>(ranges: Vec<(T, T, RuleId)>, interner: &mut Interner) -> Segme
             out.ends.push((end, set));
         }
     }
+    out.index_buckets();
     out
 }
+
+const BUCKETS: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

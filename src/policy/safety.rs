@@ -50,10 +50,13 @@ struct Protection {
 /// protection that covers it.
 fn judge(ip: IpAddr) -> Option<(IpAddr, &'static Protection)> {
     match fold_mapped(ip) {
-        IpAddr::V4(v4) => V4
-            .iter()
-            .find(|(net, _)| net.contains(&v4))
-            .map(|(_, p)| (IpAddr::V4(v4), p)),
+        IpAddr::V4(v4) => {
+            // Mask compares on integers: this runs for every address of every connection.
+            let x = u32::from(v4);
+            V4.iter()
+                .find(|(net, _)| x & net_mask(net.prefix_len()) == u32::from(net.network()))
+                .map(|(_, p)| (IpAddr::V4(v4), p))
+        }
         IpAddr::V6(v6) => {
             if let Some(inner) = embedded_v6(v6).and_then(|v4| judge(IpAddr::V4(v4))) {
                 return Some(inner);
@@ -85,6 +88,13 @@ fn embedded_v6(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(Ipv4Addr::from(low32));
     }
     None
+}
+
+const fn net_mask(len: u8) -> u32 {
+    match u32::MAX.checked_shl(32 - len as u32) {
+        Some(m) => m,
+        None => 0,
+    }
 }
 
 const fn p(name: &'static str) -> Protection {

@@ -108,7 +108,7 @@ where
     }
 }
 
-const COPY_BUF: usize = 64 * 1024;
+const COPY_BUF: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {
