@@ -19,11 +19,13 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dial::dial;
-use super::tunnel::tunnel;
+use super::tunnel::{tunnel, tunnel_tcp};
 use super::{authorize, Refusal, State};
 use crate::audit::{Closed, Decided, Listener, Verdict};
 use crate::policy::{DenyReason, Destination, Host, HostError, Policy};
@@ -212,18 +214,39 @@ async fn connect(
     let cx2 = Arc::clone(cx);
     cx.tracker.spawn(async move {
         let started = Instant::now();
+        let limits = cx2.state.limits;
         let (up, down) = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let t = tunnel(
-                    TokioIo::new(upgraded),
-                    upstream,
-                    cx2.state.limits.idle_timeout,
-                    cx2.stop.clone(),
-                )
-                .await;
-                tracing::debug!(id, end = ?t.end, "Tunnel closed");
-                (t.up, t.down)
-            }
+            // The client's own socket: splice in the kernel, after the bytes hyper already read.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let early = parts.read_buf;
+                    let mut upstream = upstream;
+                    if upstream.write_all(&early).await.is_err() {
+                        (0, 0)
+                    } else {
+                        let t = tunnel_tcp(
+                            parts.io.into_inner(),
+                            upstream,
+                            limits.idle_timeout,
+                            cx2.stop.clone(),
+                        )
+                        .await;
+                        tracing::debug!(id, end = ?t.end, "Tunnel closed");
+                        (t.up + early.len() as u64, t.down)
+                    }
+                }
+                Err(upgraded) => {
+                    let t = tunnel(
+                        TokioIo::new(upgraded),
+                        upstream,
+                        limits.idle_timeout,
+                        cx2.stop.clone(),
+                    )
+                    .await;
+                    tracing::debug!(id, end = ?t.end, "Tunnel closed");
+                    (t.up, t.down)
+                }
+            },
             Err(e) => {
                 tracing::debug!(id, error = %e, "CONNECT upgrade failed");
                 (0, 0)

@@ -6,6 +6,7 @@
 pub mod dial;
 pub mod http;
 pub mod refusal;
+mod splice;
 pub mod tunnel;
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,13 +1,19 @@
 //! Bidirectional copy with half-close and an idle timeout. Byte counts survive cancellation, so the
 //! close record is right however the tunnel ends.
+//!
+//! Between two TCP sockets the bytes are spliced in the kernel (`splice.rs`); otherwise (a hyper
+//! upgrade that is not a plain socket, or no pipe available) they are copied through a buffer.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::splice::{splice_one_way, Pipe};
 
 /// How a tunnel ended and what it carried.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -31,9 +37,71 @@ pub enum End {
     Shutdown,
 }
 
-/// Copies `client` ⇄ `upstream` until both directions end, one fails, nothing moves for `idle`,
-/// or `stop` is cancelled. A direction that reaches end of stream shuts down the other side's
-/// write half and the other direction goes on (half-close).
+/// Counts bytes and remembers when the last ones moved, for the idle timeout.
+pub struct Meter {
+    start: Instant,
+    /// Milliseconds after `start` at which bytes last moved.
+    last: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Meter {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        }
+    }
+
+    pub fn moved(&self, count: &AtomicU64, n: usize) {
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle(&self, idle: Duration) -> End {
+        loop {
+            let deadline =
+                self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return End::Idle;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn finish(&self, end: End) -> Tunnelled {
+        Tunnelled {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+            end,
+        }
+    }
+}
+
+/// Carries bytes between two TCP sockets until both directions end, one fails, nothing moves
+/// for `idle`, or `stop` is cancelled. Splices in the kernel when it can.
+pub async fn tunnel_tcp(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    stop: CancellationToken,
+) -> Tunnelled {
+    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return tunnel(client, upstream, idle, stop).await,
+    };
+    let meter = Meter::new();
+    let up = splice_one_way(&client, &upstream, &up_pipe, &meter.up, &meter);
+    let down = splice_one_way(&upstream, &client, &down_pipe, &meter.down, &meter);
+    drive(up, down, &meter, idle, stop).await
+}
+
+/// The same as `tunnel_tcp` for any byte streams, copying through a buffer.
 pub async fn tunnel<C, U>(
     client: C,
     upstream: U,
@@ -44,52 +112,38 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let meter = Meter::new();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = copy(&mut cr, &mut uw, &meter.up, &meter);
+    let down = copy(&mut ur, &mut cw, &meter.down, &meter);
+    drive(up, down, &meter, idle, stop).await
+}
+
+/// Runs both directions together under the idle watchdog and the stop token.
+async fn drive(
+    up: impl Future<Output = std::io::Result<()>>,
+    down: impl Future<Output = std::io::Result<()>>,
+    meter: &Meter,
+    idle: Duration,
+    stop: CancellationToken,
+) -> Tunnelled {
     let both = async {
-        let (a, b) = tokio::join!(
-            copy(&mut cr, &mut uw, &up, &last, start),
-            copy(&mut ur, &mut cw, &down, &last, start)
-        );
-        if a.is_ok() && b.is_ok() {
-            End::Closed
-        } else {
-            End::Error
-        }
-    };
-    let watchdog = async {
-        loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let deadline = start + since + idle;
-            if Instant::now() >= deadline {
-                return End::Idle;
-            }
-            tokio::time::sleep_until(deadline).await;
+        // A failed direction ends the tunnel at once; a finished one waits for the other.
+        match tokio::try_join!(up, down) {
+            Ok(_) => End::Closed,
+            Err(_) => End::Error,
         }
     };
     let end = tokio::select! {
         end = both => end,
-        end = watchdog => end,
+        end = meter.idle(idle) => end,
         () = stop.cancelled() => End::Shutdown,
     };
-    Tunnelled {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        end,
-    }
+    meter.finish(end)
 }
 
-async fn copy<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-    last: &AtomicU64,
-    start: Instant,
-) -> std::io::Result<()>
+async fn copy<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, meter: &Meter) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -102,9 +156,7 @@ where
             return w.shutdown().await;
         }
         w.write_all(buf.get(..n).unwrap_or_default()).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last.store(elapsed, Ordering::Relaxed);
+        meter.moved(count, n);
     }
 }
 
@@ -114,18 +166,15 @@ const COPY_BUF: usize = 256 * 1024;
 mod tests {
     use super::*;
     use tokio::io::duplex;
+    use tokio::net::TcpListener;
 
-    #[tokio::test]
-    async fn carries_every_byte_both_ways_with_half_close() {
-        let (client, mut client_peer) = duplex(1024);
-        let (upstream, mut upstream_peer) = duplex(1024);
-        let t = tokio::spawn(tunnel(
-            client,
-            upstream,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
-        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    async fn half_close_exchange<C, U>(client_peer: C, upstream_peer: U) -> (u64, u64)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let p2 = payload.clone();
         let writer = tokio::spawn(async move {
             client_peer.write_all(&p2).await.unwrap();
@@ -136,19 +185,64 @@ mod tests {
         });
         let mut got = Vec::new();
         upstream_peer.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, payload, "upstream got every byte, then end of stream");
+        assert!(
+            got == payload,
+            "upstream got every byte in order, then end of stream"
+        );
         upstream_peer
             .write_all(b"reply after half-close")
             .await
             .unwrap();
         upstream_peer.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply after half-close");
-        let done = t.await.unwrap();
+        (payload.len() as u64, 22)
+    }
+
+    #[tokio::test]
+    async fn copies_every_byte_both_ways_with_half_close() {
+        let (client, client_peer) = duplex(1024);
+        let (upstream, upstream_peer) = duplex(1024);
+        let t = tokio::spawn(tunnel(
+            client,
+            upstream,
+            Duration::from_secs(5),
+            CancellationToken::new(),
+        ));
+        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
         assert_eq!(
-            done,
+            t.await.unwrap(),
             Tunnelled {
-                up: 100_000,
-                down: 22,
+                up,
+                down,
+                end: End::Closed
+            }
+        );
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        #[allow(clippy::disallowed_methods)]
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn splices_every_byte_both_ways_with_half_close() {
+        let (client_peer, client) = tcp_pair().await;
+        let (upstream, upstream_peer) = tcp_pair().await;
+        let t = tokio::spawn(tunnel_tcp(
+            client,
+            upstream,
+            Duration::from_secs(5),
+            CancellationToken::new(),
+        ));
+        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
+        assert_eq!(
+            t.await.unwrap(),
+            Tunnelled {
+                up,
+                down,
                 end: End::Closed
             }
         );
