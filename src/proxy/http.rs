@@ -184,13 +184,15 @@ fn has_body(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.as_bytes() != b"0")
 }
 
-async fn connect(
-    req: Request<Incoming>,
+/// Decides, resolves, checks and dials the target, then writes the `allow` decision line.
+/// Returns the connected upstream and the close record that will pair with that line.
+async fn open(
     cx: &Arc<ConnCx>,
     policy: &Policy,
     id: u64,
+    method: &str,
     target: &Target,
-) -> Result<Response<ProxyBody>, Refusal> {
+) -> Result<(TcpStream, CloseRecord), Refusal> {
     let dest = target.dest.clone()?;
     let state = &cx.state;
     let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
@@ -203,91 +205,7 @@ async fn connect(
         id,
         client: cx.client,
         listener: Listener::Http,
-        method: Some("CONNECT"),
-        host: Some(&host),
-        port: Some(dest.port),
-        dst_addr: Some(addr),
-        decision: Verdict::Allow,
-        rule: rule.as_deref(),
-        reason: None,
-    });
-    let cx2 = Arc::clone(cx);
-    cx.tracker.spawn(async move {
-        let started = Instant::now();
-        let limits = cx2.state.limits;
-        let (up, down) = match hyper::upgrade::on(req).await {
-            // The client's own socket: splice in the kernel, after the bytes hyper already read.
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    let early = parts.read_buf;
-                    let mut upstream = upstream;
-                    if upstream.write_all(&early).await.is_err() {
-                        (0, 0)
-                    } else {
-                        let t = tunnel_tcp(
-                            parts.io.into_inner(),
-                            upstream,
-                            limits.idle_timeout,
-                            cx2.stop.clone(),
-                        )
-                        .await;
-                        tracing::debug!(id, end = ?t.end, "Tunnel closed");
-                        (t.up + early.len() as u64, t.down)
-                    }
-                }
-                Err(upgraded) => {
-                    let t = tunnel(
-                        TokioIo::new(upgraded),
-                        upstream,
-                        limits.idle_timeout,
-                        cx2.stop.clone(),
-                    )
-                    .await;
-                    tracing::debug!(id, end = ?t.end, "Tunnel closed");
-                    (t.up, t.down)
-                }
-            },
-            Err(e) => {
-                tracing::debug!(id, error = %e, "CONNECT upgrade failed");
-                (0, 0)
-            }
-        };
-        cx2.state.audit.closed(&Closed {
-            id,
-            client: cx2.client,
-            listener: Listener::Http,
-            host: Some(&host),
-            port: Some(dest.port),
-            dst_addr: Some(addr),
-            rule: rule.as_deref(),
-            bytes_up: up,
-            bytes_down: down,
-            duration_ms: millis(started),
-        });
-    });
-    Ok(Response::new(empty()))
-}
-
-async fn forward(
-    mut req: Request<Incoming>,
-    cx: &Arc<ConnCx>,
-    policy: &Policy,
-    id: u64,
-    target: &Target,
-) -> Result<Response<ProxyBody>, Refusal> {
-    let dest = target.dest.clone()?;
-    let state = &cx.state;
-    let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
-    let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
-    let rule = permit
-        .rule_for(addr)
-        .map(|r| policy.rule_name(r).to_string());
-    let host = dest.host.to_string();
-    state.audit.decided(&Decided {
-        id,
-        client: cx.client,
-        listener: Listener::Http,
-        method: Some(req.method().as_str()),
+        method: Some(method),
         host: Some(&host),
         port: Some(dest.port),
         dst_addr: Some(addr),
@@ -296,7 +214,7 @@ async fn forward(
         reason: None,
     });
     let close = CloseRecord {
-        state: Arc::clone(&cx.state),
+        state: Arc::clone(state),
         closed: OwnedClosed {
             id,
             client: cx.client,
@@ -309,6 +227,58 @@ async fn forward(
         down: Arc::new(AtomicU64::new(0)),
         started: Instant::now(),
     };
+    Ok((upstream, close))
+}
+
+async fn connect(
+    req: Request<Incoming>,
+    cx: &Arc<ConnCx>,
+    policy: &Policy,
+    id: u64,
+    target: &Target,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let (mut upstream, close) = open(cx, policy, id, "CONNECT", target).await?;
+    let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
+    // The tunnel keeps the client connection's place in the limits until it closes.
+    let slot = Arc::clone(&cx.guard);
+    cx.tracker.spawn(async move {
+        let _slot = slot;
+        let tunnelled = match hyper::upgrade::on(req).await {
+            // The client's own socket: splice in the kernel, after the bytes hyper already read.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) if upstream.write_all(&parts.read_buf).await.is_ok() => {
+                    close
+                        .up
+                        .fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
+                    Some(tunnel_tcp(parts.io.into_inner(), upstream, idle, stop).await)
+                }
+                Ok(_) => None,
+                Err(upgraded) => Some(tunnel(TokioIo::new(upgraded), upstream, idle, stop).await),
+            },
+            Err(e) => {
+                tracing::debug!(id, error = %e, "CONNECT upgrade failed");
+                None
+            }
+        };
+        if let Some(t) = tunnelled {
+            tracing::debug!(id, end = ?t.end, "Tunnel closed");
+            close.up.fetch_add(t.up, Ordering::Relaxed);
+            close.down.fetch_add(t.down, Ordering::Relaxed);
+        }
+        drop(close); // writes the close line
+    });
+    Ok(Response::new(empty()))
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    cx: &Arc<ConnCx>,
+    policy: &Policy,
+    id: u64,
+    target: &Target,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let method = req.method().clone();
+    let (upstream, close) = open(cx, policy, id, method.as_str(), target).await?;
 
     // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
     let authority = req
@@ -340,7 +310,7 @@ async fn forward(
             () = stop.cancelled() => {}
         }
     });
-    let response = tokio::time::timeout(state.limits.idle_timeout, sender.send_request(req))
+    let response = tokio::time::timeout(cx.state.limits.idle_timeout, sender.send_request(req))
         .await
         .map_err(|_| Refusal::UpstreamTimeout)?
         .map_err(|_| Refusal::UpstreamProtocol)?;
@@ -446,7 +416,8 @@ struct OwnedClosed {
     rule: Option<String>,
 }
 
-/// Writes the close line of a forwarded request when the response body is done or dropped.
+/// Writes the close line of an allowed connection when it is dropped: at the end of a tunnel, or
+/// when a forwarded response body is done or abandoned.
 struct CloseRecord {
     state: Arc<State>,
     closed: OwnedClosed,
