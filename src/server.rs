@@ -84,7 +84,22 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let http_addr = loaded.config.listen.http;
+        let listen = &loaded.config.listen;
+        let unserved = [
+            ("tls", listen.tls),
+            ("plain", listen.plain),
+            ("catch_all", listen.catch_all),
+            ("admin", listen.admin),
+        ];
+        if let Some((name, _)) = unserved.iter().find(|(_, a)| a.is_some()) {
+            // Refuse to start rather than leave a configured listener silently unserved.
+            tracing::error!(
+                listener = name,
+                "This build does not serve [listen] {name} yet"
+            );
+            return ExitCode::from(2);
+        }
+        let http_addr = listen.http;
         let Some(http_addr) = http_addr else {
             tracing::error!("No listener is configured: set [listen] http");
             return ExitCode::from(2);

@@ -473,3 +473,70 @@ async fn graceful_shutdown_lets_a_running_download_finish() {
         .expect("run returned after draining")
         .unwrap();
 }
+
+#[tokio::test]
+async fn per_client_limit_is_answered_503() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(&rules_for(
+        echo,
+        "[limits]\nmax_connections_per_client = 1\n",
+    ))
+    .await;
+    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = held.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (resp, _) = raw_exchange(
+        proxy.addr,
+        b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: connection_limit"));
+    let lines = proxy.audit_at_least(2).await;
+    assert_eq!(lines[1]["reason"], "connection_limit");
+}
+
+#[tokio::test]
+async fn upstream_connect_timeout_is_504() {
+    // A listener whose accept queue is full drops new SYNs, so a connect to it hangs.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(0).unwrap();
+    let full: std::net::SocketAddr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..3 {
+        fillers.push(tokio::spawn(tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(full),
+        )));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proxy = TestProxy::start(&rules_for(full, "[limits]\nconnect_timeout = \"300ms\"\n")).await;
+    let started = std::time::Instant::now();
+    let (resp, _) = raw_exchange(
+        proxy.addr,
+        format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", full.port()).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 504 ")
+            && resp.contains("x-egress-deny-reason: upstream_timeout"),
+        "{resp}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(proxy.audit()[0]["decision"], "fail");
+    drop(socket);
+}
