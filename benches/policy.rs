@@ -33,9 +33,7 @@ fn every_tag() -> (Policy, TagTable) {
     let tags = TagTable::parse(FULL_TAGS).unwrap();
     let mut text = String::new();
     for (i, (name, _)) in tags.iter().enumerate() {
-        text.push_str(&format!(
-            "[[rule]]\nname = \"t{i}\"\naction = \"allow\"\nservice_tags = [{name:?}]\n"
-        ));
+        text.push_str(&format!("[[rule]]\nname = \"t{i}\"\naction = \"allow\"\nservice_tags = [{name:?}]\n"));
     }
     let config = Config::from_str(&text, Origin::Embedded).unwrap();
     (compile(&config, &tags).unwrap().policy, tags)
@@ -45,14 +43,8 @@ fn every_tag() -> (Policy, TagTable) {
 fn host_rules(n: usize) -> Policy {
     let mut text = String::with_capacity(n * 80);
     for i in 0..n {
-        let pattern = if i % 2 == 0 {
-            format!("api{i}.svc{i}.example.com")
-        } else {
-            format!("*.svc{i}.example.net")
-        };
-        text.push_str(&format!(
-            "[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nhosts = [\"{pattern}\"]\n"
-        ));
+        let pattern = if i % 2 == 0 { format!("api{i}.svc{i}.example.com") } else { format!("*.svc{i}.example.net") };
+        text.push_str(&format!("[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nhosts = [\"{pattern}\"]\n"));
     }
     let config = Config::from_str(&text, Origin::Embedded).unwrap();
     compile(&config, &TagTable::default()).unwrap().policy
@@ -62,14 +54,8 @@ fn host_rules(n: usize) -> Policy {
 fn cidr_rules(n: usize) -> Policy {
     let mut text = String::with_capacity(n * 80);
     for i in 0..n {
-        let (a, b, c) = (
-            if i % 2 == 0 { 20 } else { 40 },
-            (i / 2) / 256 % 256,
-            (i / 2) % 256,
-        );
-        text.push_str(&format!(
-            "[[rule]]\nname = \"c{i}\"\naction = \"allow\"\ncidrs = [\"{a}.{b}.{c}.0/24\"]\n"
-        ));
+        let (a, b, c) = (if i % 2 == 0 { 20 } else { 40 }, (i / 2) / 256 % 256, (i / 2) % 256);
+        text.push_str(&format!("[[rule]]\nname = \"c{i}\"\naction = \"allow\"\ncidrs = [\"{a}.{b}.{c}.0/24\"]\n"));
     }
     let config = Config::from_str(&text, Origin::Embedded).unwrap();
     compile(&config, &TagTable::default()).unwrap().policy
@@ -79,12 +65,9 @@ fn bench_preset(c: &mut Criterion) {
     let policy = preset();
     let mut g = c.benchmark_group("policy::decide/host");
     g.throughput(Throughput::Elements(1));
-    for name in [
-        "ml.azure.com",
-        "abc.westus2.batch.azure.com",
-        "westus2.data.mcr.microsoft.com",
-        "exfil.attacker.example.com",
-    ] {
+    for name in
+        ["ml.azure.com", "abc.westus2.batch.azure.com", "westus2.data.mcr.microsoft.com", "exfil.attacker.example.com"]
+    {
         let h = host(name);
         g.bench_with_input(BenchmarkId::from_parameter(name), &h, |b, h| {
             b.iter(|| policy.decide(black_box(&Query::new(h, 443))))

@@ -24,10 +24,7 @@ const RATE_MAX: usize = 50_000;
 const RATE_CONCURRENCY: usize = 8;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let origin = origin().await;
         let dir = tempfile::tempdir().unwrap();
@@ -94,11 +91,7 @@ async fn proxy(origin: SocketAddr, dir: &std::path::Path) -> SocketAddr {
     let state = Arc::new(server::state(load(Some(&cfg), &[]).unwrap()).unwrap());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(
-        Listeners { http: Some(l) },
-        state,
-        CancellationToken::new(),
-    ));
+    tokio::spawn(server::run(Listeners { http: Some(l), admin: None }, state, None, CancellationToken::new()));
     addr
 }
 
@@ -107,20 +100,14 @@ async fn open(addr: SocketAddr, via_origin: Option<SocketAddr>) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
     if let Some(o) = via_origin {
-        s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes()).await.unwrap();
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
             s.read_exact(&mut b).await.unwrap();
             head.push(b[0]);
         }
-        assert!(
-            head.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     }
     s
 }

@@ -9,17 +9,20 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::Serialize;
 
-/// Where audit lines go.
+use crate::denied::{Entry, TopDenied};
+use crate::metrics::Metrics;
+
+/// Where audit lines go. Recording an event writes its line *and* moves its metrics, so the log
+/// and the counters cannot disagree.
 pub struct Audit {
     sink: Mutex<Sink>,
-    written: AtomicU64,
-    lost: AtomicU64,
+    metrics: Metrics,
+    denied: Mutex<TopDenied>,
 }
 
 enum Sink {
@@ -37,6 +40,17 @@ pub enum Listener {
     CatchAll,
 }
 
+impl Listener {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tls => "tls",
+            Self::Plain => "plain",
+            Self::CatchAll => "catch_all",
+        }
+    }
+}
+
 /// The outcome class of a decision line.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -48,6 +62,19 @@ pub enum Verdict {
     /// Allowed by the policy, but the name did not resolve or the upstream could not be reached.
     Fail,
 }
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Fail => "fail",
+        }
+    }
+}
+
+/// Distinct refused destinations remembered for `/denied`.
+const TOP_DENIED: usize = 1_000;
 
 /// One decision about one request or connection.
 #[derive(Debug, Serialize)]
@@ -93,37 +120,42 @@ struct Line<'a, T> {
 
 impl Audit {
     /// `-` for standard output, else a file opened for appending (created if missing).
-    pub fn open(path: &str) -> io::Result<Self> {
+    pub fn open(path: &str, metrics: Metrics) -> io::Result<Self> {
         let sink = match path {
             "-" => Sink::Stdout,
-            p => Sink::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(Path::new(p))?,
-            ),
+            p => Sink::File(OpenOptions::new().create(true).append(true).open(Path::new(p))?),
         };
-        Ok(Self {
-            sink: Mutex::new(sink),
-            written: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-        })
+        Ok(Self { sink: Mutex::new(sink), metrics, denied: Mutex::new(TopDenied::new(TOP_DENIED)) })
     }
 
     pub fn decided(&self, d: &Decided<'_>) {
         self.write("decision", d);
+        let listener = d.listener.as_str();
+        let labels = [listener, d.decision.as_str(), d.rule.unwrap_or_default(), d.reason.unwrap_or_default()];
+        self.metrics.decisions.with_label_values(&labels).inc();
+        match (d.decision, d.host, d.port) {
+            (Verdict::Allow, _, _) => self.metrics.open_tunnels.with_label_values(&[listener]).inc(),
+            (_, Some(host), Some(port)) => {
+                if let Ok(mut top) = self.denied.lock() {
+                    top.record(host, port, d.reason.unwrap_or_default(), SystemTime::now());
+                }
+            }
+            _ => {}
+        }
     }
 
     pub fn closed(&self, c: &Closed<'_>) {
         self.write("close", c);
+        let listener = c.listener.as_str();
+        self.metrics.open_tunnels.with_label_values(&[listener]).dec();
+        self.metrics.bytes.with_label_values(&[listener, "up"]).inc_by(c.bytes_up);
+        self.metrics.bytes.with_label_values(&[listener, "down"]).inc_by(c.bytes_down);
+        self.metrics.tunnel_duration.with_label_values(&[listener]).observe(c.duration_ms as f64 / 1000.0);
     }
 
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
-    }
-
-    pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
+    /// The most refused destinations since start, most first.
+    pub fn top_denied(&self, n: usize) -> Vec<Entry> {
+        self.denied.lock().map(|t| t.top(n)).unwrap_or_default()
     }
 
     fn write<T: Serialize>(&self, event: &'static str, body: &T) {
@@ -139,13 +171,10 @@ impl Audit {
             }
             _ => false,
         };
-        let counter = if ok { &self.written } else { &self.lost };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let counter = if ok { &self.metrics.audit_lines } else { &self.metrics.audit_lost };
+        counter.inc();
         if !ok {
-            tracing::error!(
-                event,
-                "Audit line lost: the audit sink could not be written"
-            );
+            tracing::error!(event, "Audit line lost: the audit sink could not be written");
         }
     }
 }

@@ -14,11 +14,7 @@ use crate::load::{load, Loaded};
 use crate::policy::{Decision, Destination, Host, Policy, Query};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "egress-proxy",
-    version,
-    about = "A default-deny egress proxy: lets out only what the policy allows"
-)]
+#[command(name = "egress-proxy", version, about = "A default-deny egress proxy: lets out only what the policy allows")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -93,19 +89,13 @@ fn check(args: CheckArgs) -> ExitCode {
                 let (decision, addr) = decide_with_pins(policy, &loaded, &d, args.source);
                 (d.to_string(), decision, addr)
             }
-            Err(_) => (
-                dest.clone(),
-                Decision::deny(crate::policy::DenyReason::InvalidHost),
-                None,
-            ),
+            Err(_) => (dest.clone(), Decision::deny(crate::policy::DenyReason::InvalidHost), None),
         };
         all_allowed &= decision.is_allow();
         let line = if args.json {
             let (rule, reason) = match decision {
                 Decision::Allow { rule } => (Some(policy.rule_name(rule)), None),
-                Decision::Deny { reason, rule } => {
-                    (rule.map(|r| policy.rule_name(r)), Some(reason.as_str()))
-                }
+                Decision::Deny { reason, rule } => (rule.map(|r| policy.rule_name(r)), Some(reason.as_str())),
             };
             serde_json::json!({
                 "dest": shown,
@@ -116,11 +106,7 @@ fn check(args: CheckArgs) -> ExitCode {
             })
             .to_string()
         } else {
-            let verdict = if decision.is_allow() {
-                "allow"
-            } else {
-                "deny "
-            };
+            let verdict = if decision.is_allow() { "allow" } else { "deny " };
             let at = addr.map(|a| format!(" addr={a}")).unwrap_or_default();
             format!("{verdict} {shown} {}{at}", policy.explain(&decision))
         };
@@ -167,11 +153,7 @@ fn validate(args: ConfigArgs) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let Loaded {
-        config,
-        compiled,
-        tags,
-    } = &loaded;
+    let Loaded { config, compiled, tags, .. } = &loaded;
     let policy = &compiled.policy;
     let mut out = std::io::stdout().lock();
     let ranges: usize = policy.rules().iter().map(|r| r.ranges.len()).sum();
@@ -190,75 +172,33 @@ fn validate(args: ConfigArgs) -> ExitCode {
         let ports: Vec<String> = r
             .ports
             .iter()
-            .map(|p| {
-                if p.start() == p.end() {
-                    p.start().to_string()
-                } else {
-                    format!("{}-{}", p.start(), p.end())
-                }
-            })
+            .map(|p| if p.start() == p.end() { p.start().to_string() } else { format!("{}-{}", p.start(), p.end()) })
             .collect();
         let mut parts = Vec::new();
         if !r.patterns.is_empty() {
-            parts.push(format!(
-                "hosts {}",
-                r.patterns
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            parts.push(format!("hosts {}", r.patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")));
         }
         if !r.tags.is_empty() {
             parts.push(format!(
                 "service_tags {}",
-                r.tags
-                    .iter()
-                    .map(|(t, n)| format!("{t} ({n} prefixes)"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                r.tags.iter().map(|(t, n)| format!("{t} ({n} prefixes)")).collect::<Vec<_>>().join(", ")
             ));
         }
         if !r.cidrs.is_empty() {
-            parts.push(format!(
-                "cidrs {}",
-                r.cidrs
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            parts.push(format!("cidrs {}", r.cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")));
         }
         if !r.sources.is_empty() {
-            parts.push(format!(
-                "sources {}",
-                r.sources
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            parts.push(format!("sources {}", r.sources.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")));
         }
         let action = format!("{:?}", r.action).to_lowercase();
         let proto = format!("{:?}", r.protocol).to_lowercase();
-        let _ = writeln!(
-            out,
-            "rule {} {action} {proto} ports {}: {}",
-            r.name,
-            ports.join(","),
-            parts.join("; ")
-        );
+        let _ = writeln!(out, "rule {} {action} {proto} ports {}: {}", r.name, ports.join(","), parts.join("; "));
     }
     if !compiled.disabled.is_empty() {
         let _ = writeln!(out, "disabled: {}", compiled.disabled.join(", "));
     }
     for w in &compiled.warnings {
-        let _ = writeln!(
-            out,
-            "warning: rule {}: {}",
-            w.rule.as_deref().unwrap_or("-"),
-            w.message
-        );
+        let _ = writeln!(out, "warning: rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message);
     }
     ExitCode::SUCCESS
 }

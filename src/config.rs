@@ -198,21 +198,14 @@ impl Config {
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let origin = Origin::File(path.to_path_buf());
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::whole_file(
-                &origin,
-                format!("cannot read: {e}"),
-            )])
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError::whole_file(&origin, format!("cannot read: {e}"))]))?;
         Self::from_str(&text, origin)
     }
 
     /// Parses configuration text; `origin` is used in error messages and to find relative files.
     pub fn from_str(text: &str, origin: Origin) -> Result<Self, ConfigErrors> {
-        let source = Source {
-            origin,
-            text: text.into(),
-        };
+        let source = Source { origin, text: text.into() };
         match toml::from_str::<Config>(text) {
             Ok(mut config) => {
                 config.source = source;
@@ -221,11 +214,7 @@ impl Config {
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
                 let field = field_at(text, &span, e.message());
-                Err(ConfigErrors(vec![source.error(
-                    span,
-                    field,
-                    e.message().trim().to_string(),
-                )]))
+                Err(ConfigErrors(vec![source.error(span, field, e.message().trim().to_string())]))
             }
         }
     }
@@ -236,21 +225,13 @@ impl Config {
             return Ok(None);
         };
         match &self.source.origin {
-            Origin::Embedded if file.get_ref() == EMBEDDED_TAGS_NAME => {
-                Ok(Some(Cow::Borrowed(EMBEDDED_TAGS)))
-            }
+            Origin::Embedded if file.get_ref() == EMBEDDED_TAGS_NAME => Ok(Some(Cow::Borrowed(EMBEDDED_TAGS))),
             _ => {
                 let path = self.relative_path(file.get_ref());
-                std::fs::read_to_string(&path)
-                    .map(|t| Some(Cow::Owned(t)))
-                    .map_err(|e| {
-                        let msg = format!("cannot read {}: {e}", path.display());
-                        ConfigErrors(vec![self.source.error(
-                            file.span(),
-                            "service_tags.file".into(),
-                            msg,
-                        )])
-                    })
+                std::fs::read_to_string(&path).map(|t| Some(Cow::Owned(t))).map_err(|e| {
+                    let msg = format!("cannot read {}: {e}", path.display());
+                    ConfigErrors(vec![self.source.error(file.span(), "service_tags.file".into(), msg)])
+                })
             }
         }
     }
@@ -259,9 +240,7 @@ impl Config {
     pub fn relative_path(&self, path: &str) -> PathBuf {
         let path = Path::new(path);
         match &self.source.origin {
-            Origin::File(cfg) if path.is_relative() => {
-                cfg.parent().unwrap_or(Path::new(".")).join(path)
-            }
+            Origin::File(cfg) if path.is_relative() => cfg.parent().unwrap_or(Path::new(".")).join(path),
             _ => path.to_path_buf(),
         }
     }
@@ -273,13 +252,7 @@ impl Source {
     /// An error located at `span` in this source.
     pub fn error(&self, span: Range<usize>, field: String, msg: String) -> ConfigError {
         let (line, col) = line_col(&self.text, span.start);
-        ConfigError {
-            file: self.origin.to_string(),
-            line,
-            col,
-            field,
-            msg,
-        }
+        ConfigError { file: self.origin.to_string(), line, col, field, msg }
     }
 }
 
@@ -296,13 +269,7 @@ impl fmt::Display for Origin {
 
 impl ConfigError {
     fn whole_file(origin: &Origin, msg: String) -> Self {
-        Self {
-            file: origin.to_string(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            msg,
-        }
+        Self { file: origin.to_string(), line: 0, col: 0, field: String::new(), msg }
     }
 }
 
@@ -311,11 +278,7 @@ impl fmt::Display for ConfigError {
         match (self.line, self.field.is_empty()) {
             (0, _) => write!(f, "{}: {}", self.file, self.msg),
             (_, true) => write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.msg),
-            (_, false) => write!(
-                f,
-                "{}:{}:{}: {}: {}",
-                self.file, self.line, self.col, self.field, self.msg
-            ),
+            (_, false) => write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.col, self.field, self.msg),
         }
     }
 }
@@ -353,18 +316,8 @@ impl<'de> Deserialize<'de> for PortRange {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
                 let bad = || E::custom(format!("{v:?} is not a port range such as \"8000-8100\""));
                 let (a, b) = v.split_once('-').ok_or_else(bad)?;
-                let a = a
-                    .trim()
-                    .parse::<i64>()
-                    .ok()
-                    .and_then(port)
-                    .ok_or_else(bad)?;
-                let b = b
-                    .trim()
-                    .parse::<i64>()
-                    .ok()
-                    .and_then(port)
-                    .ok_or_else(bad)?;
+                let a = a.trim().parse::<i64>().ok().and_then(port).ok_or_else(bad)?;
+                let b = b.trim().parse::<i64>().ok().and_then(port).ok_or_else(bad)?;
                 if a > b {
                     return Err(bad());
                 }
@@ -449,18 +402,10 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn field_at(text: &str, span: &Range<usize>, message: &str) -> String {
     let before = text.get(..span.start.min(text.len())).unwrap_or_default();
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text
-        .get(line_start..)
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or_default();
+    let line = text.get(line_start..).unwrap_or_default().lines().next().unwrap_or_default();
     let key = match message.split('`').nth(1) {
         Some(name) if message.starts_with("unknown field") => name.to_string(),
-        _ => line
-            .split_once('=')
-            .map(|(k, _)| k.trim().to_string())
-            .unwrap_or_default(),
+        _ => line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default(),
     };
     // The innermost table header above the line, with the index of `[[array]]` tables.
     let mut table = String::new();
@@ -475,11 +420,7 @@ fn field_at(text: &str, span: &Range<usize>, message: &str) -> String {
             table = name.trim().to_string();
         }
     }
-    let key = if line.trim_start().starts_with('[') {
-        String::new()
-    } else {
-        key
-    };
+    let key = if line.trim_start().starts_with('[') { String::new() } else { key };
     match (table.is_empty(), key.is_empty()) {
         (true, _) => key,
         (false, true) => table,
@@ -492,24 +433,15 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> ConfigError {
-        Config::from_str(text, Origin::File("p.toml".into()))
-            .unwrap_err()
-            .0
-            .remove(0)
+        Config::from_str(text, Origin::File("p.toml".into())).unwrap_err().0.remove(0)
     }
 
     #[test]
     fn unknown_field_names_file_line_and_field() {
         let e = err("regions = [\"westus2\"]\n\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhost = [\"x.com\"]\n");
-        assert_eq!(
-            (e.file.as_str(), e.line, e.field.as_str()),
-            ("p.toml", 6, "rule[0].host")
-        );
+        assert_eq!((e.file.as_str(), e.line, e.field.as_str()), ("p.toml", 6, "rule[0].host"));
         assert!(e.msg.contains("unknown field `host`"), "{}", e.msg);
-        assert_eq!(
-            e.to_string().split(':').take(2).collect::<Vec<_>>(),
-            ["p.toml", "6"]
-        );
+        assert_eq!(e.to_string().split(':').take(2).collect::<Vec<_>>(), ["p.toml", "6"]);
     }
 
     #[test]
@@ -529,35 +461,18 @@ mod tests {
 
     #[test]
     fn port_ranges_parse_and_refuse_zero() {
-        let c = Config::from_str(
-            "[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[443, \"8000-8100\"]\n",
-            Origin::Embedded,
-        )
-        .unwrap();
-        assert_eq!(
-            c.rules[0].ports,
-            Some(vec![PortRange(443..=443), PortRange(8000..=8100)])
-        );
-        assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[0]\n")
-            .msg
-            .contains("port 0"));
-        assert!(
-            err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[\"9-1\"]\n")
-                .msg
-                .contains("\"9-1\"")
-        );
+        let c =
+            Config::from_str("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[443, \"8000-8100\"]\n", Origin::Embedded)
+                .unwrap();
+        assert_eq!(c.rules[0].ports, Some(vec![PortRange(443..=443), PortRange(8000..=8100)]));
+        assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[0]\n").msg.contains("port 0"));
+        assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[\"9-1\"]\n").msg.contains("\"9-1\""));
     }
 
     #[test]
     fn the_embedded_preset_parses() {
         let c = Config::embedded().unwrap();
-        assert_eq!(
-            c.regions
-                .iter()
-                .map(|r| r.get_ref().as_str())
-                .collect::<Vec<_>>(),
-            ["westus2"]
-        );
+        assert_eq!(c.regions.iter().map(|r| r.get_ref().as_str()).collect::<Vec<_>>(), ["westus2"]);
         assert!(c.service_tags_text().unwrap().is_some());
     }
 }

@@ -9,14 +9,22 @@
 //! - `proxy`: decide → resolve → check each address → `Permit` → `dial`; CONNECT, forwarding, tunnels.
 //! - `server`: listeners, connection limits, graceful drain; `run` for the binary and for tests.
 //! - `audit`: one JSON line per decision and per closed connection.
+//! - `reload`: SIGHUP, file watch and `POST /reload` build a whole new policy, then swap it in.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
+//! - `metrics`: the Prometheus catalogue over an owned registry; moved by audit events.
+//! - `denied`: bounded top-K of refused destinations for `/denied`.
 //! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod denied;
 pub mod load;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod service_tags;

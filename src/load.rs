@@ -2,11 +2,13 @@
 //!
 //! The one path from files to a `Policy`, used at start-up, by `check` and `validate`, and by reload.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, Origin};
 use crate::policy::{compile, Compiled};
 use crate::service_tags::TagTable;
 
@@ -16,6 +18,12 @@ pub struct Loaded {
     pub config: Config,
     pub compiled: Compiled,
     pub tags: TagTable,
+    /// SHA-256 of the config text and the service-tag text, hex.
+    pub hash: String,
+    /// When the service-tag data was written: the file's mtime, or the embedded data's date.
+    pub tags_written: Option<SystemTime>,
+    /// The files this policy was built from, for the reload watcher.
+    pub files: Vec<PathBuf>,
 }
 
 /// Loads `path` (or the embedded preset), overrides `regions` when `regions` is not empty, and
@@ -26,26 +34,38 @@ pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErr
         None => Config::embedded()?,
     };
     if !regions.is_empty() {
-        config.regions = regions
-            .iter()
-            .map(|r| Spanned::new(0..0, r.clone()))
-            .collect();
+        config.regions = regions.iter().map(|r| Spanned::new(0..0, r.clone())).collect();
     }
-    let tags = match config.service_tags_text()? {
-        Some(text) => TagTable::parse(&text).map_err(|e| {
+    let tags_text = config.service_tags_text()?;
+    let tags = match &tags_text {
+        Some(text) => TagTable::parse(text).map_err(|e| {
             let span = config.service_tags.file.as_ref().map_or(0..0, |f| f.span());
-            ConfigErrors(vec![config.source.error(
-                span,
-                "service_tags.file".into(),
-                e.to_string(),
-            )])
+            ConfigErrors(vec![config.source.error(span, "service_tags.file".into(), e.to_string())])
         })?,
         None => TagTable::default(),
     };
     let compiled = compile(&config, &tags)?;
-    Ok(Loaded {
-        config,
-        compiled,
-        tags,
-    })
+
+    let mut digest = Sha256::new();
+    digest.update(config.source.text.as_bytes());
+    digest.update([0]);
+    digest.update(regions.join(",").as_bytes());
+    digest.update([0]);
+    digest.update(tags_text.as_deref().unwrap_or_default().as_bytes());
+    let hash = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+
+    let tag_path = config.service_tags.file.as_ref().map(|f| config.relative_path(f.get_ref()));
+    let (files, tags_written) = match (&config.source.origin, tag_path) {
+        (Origin::Embedded, _) => (Vec::new(), tags_text.is_some().then(embedded_tags_written)),
+        (Origin::File(cfg), tag_path) => {
+            let written = tag_path.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+            (std::iter::once(cfg.clone()).chain(tag_path).collect(), written)
+        }
+    };
+    Ok(Loaded { config, compiled, tags, hash, tags_written, files })
+}
+
+/// ServiceTags_Public_20251020.json, the source of the embedded tag data: 2025-10-20T00:00:00Z.
+fn embedded_tags_written() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_760_918_400)
 }

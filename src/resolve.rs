@@ -6,20 +6,23 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hickory_resolver::TokioAsyncResolver;
+use prometheus::IntCounter;
 use tokio::sync::OnceCell;
 
+use crate::metrics::Metrics;
 use crate::policy::{fold_mapped, HostName};
 
 pub struct Resolver {
-    pins: HashMap<HostName, Vec<IpAddr>>,
+    /// Replaced as a whole on reload.
+    pins: ArcSwap<HashMap<HostName, Vec<IpAddr>>>,
     dns: OnceCell<TokioAsyncResolver>,
     timeout: Duration,
-    lookups: AtomicU64,
-    failures: AtomicU64,
+    lookups: IntCounter,
+    failures: IntCounter,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
@@ -33,44 +36,46 @@ pub enum ResolveError {
 }
 
 impl Resolver {
-    pub fn new(pins: HashMap<HostName, Vec<IpAddr>>, timeout: Duration) -> Self {
+    pub fn new(pins: HashMap<HostName, Vec<IpAddr>>, timeout: Duration, metrics: &Metrics) -> Self {
         Self {
-            pins,
+            pins: ArcSwap::from_pointee(pins),
             dns: OnceCell::new(),
             timeout,
-            lookups: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            lookups: metrics.dns_lookups.clone(),
+            failures: metrics.dns_failures.clone(),
         }
+    }
+
+    /// Replaces the `[resolve] static` pins (on reload).
+    pub fn set_pins(&self, pins: HashMap<HostName, Vec<IpAddr>>) {
+        self.pins.store(std::sync::Arc::new(pins));
     }
 
     /// Every address of `name`, pinned ones first and exclusively when pinned.
     pub async fn resolve(&self, name: &HostName) -> Result<Vec<IpAddr>, ResolveError> {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.lookups.inc();
         let result = self.lookup(name).await;
         if result.is_err() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.failures.inc();
         }
         result
     }
 
     /// Lookups asked of this resolver, pinned or not.
     pub fn lookups(&self) -> u64 {
-        self.lookups.load(Ordering::Relaxed)
+        self.lookups.get()
     }
 
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.failures.get()
     }
 
     async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, ResolveError> {
-        if let Some(pinned) = self.pins.get(name) {
+        if let Some(pinned) = self.pins.load().get(name) {
             return Ok(pinned.clone());
         }
-        let dns = self
-            .dns
-            .get_or_try_init(|| async { TokioAsyncResolver::tokio_from_system_conf() })
-            .await
-            .map_err(|e| {
+        let dns =
+            self.dns.get_or_try_init(|| async { TokioAsyncResolver::tokio_from_system_conf() }).await.map_err(|e| {
                 tracing::error!(error = %e, "Cannot read the system resolver configuration");
                 ResolveError::NoResolver
             })?;

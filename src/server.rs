@@ -18,49 +18,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::audit::{Audit, Decided, Listener, Verdict};
+use crate::admin;
+use crate::audit::{Decided, Listener, Verdict};
 use crate::cli::{load_or_report, ConfigArgs};
 use crate::load::Loaded;
-use crate::policy::HostName;
 use crate::proxy::http::{handle, refusal_response, ConnCx};
 use crate::proxy::{Limits, Refusal, State};
-use crate::resolve::Resolver;
+use crate::reload::{self, Reloader};
 
 /// The bound listeners; each is optional.
 #[derive(Default)]
 pub struct Listeners {
     pub http: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
 }
 
 /// Builds the shared state for a loaded configuration.
 pub fn state(loaded: Loaded) -> std::io::Result<State> {
-    let Loaded {
-        config, compiled, ..
-    } = loaded;
-    let pins = config
-        .resolve
-        .static_hosts
-        .iter()
-        .filter_map(|(name, addrs)| {
-            HostName::parse(name)
-                .ok()
-                .map(|n| (n, addrs.get_ref().clone()))
-        })
-        .collect();
-    let resolver = Resolver::new(pins, config.resolve.timeout.0);
-    let audit_path = config.audit.path.clone().unwrap_or_else(|| "-".into());
-    let audit_path = if audit_path == "-" {
-        audit_path
-    } else {
-        config.relative_path(&audit_path).display().to_string()
-    };
-    let audit = Audit::open(&audit_path)?;
-    Ok(State::new(
-        compiled.policy,
-        resolver,
-        audit,
-        Limits::from(&config.limits),
-    ))
+    State::build(loaded)
 }
 
 /// `egress-proxy run`: load, bind, serve until SIGTERM or SIGINT, drain, exit 0.
@@ -73,10 +48,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
     for w in &loaded.compiled.warnings {
         tracing::warn!(rule = w.rule.as_deref().unwrap_or("-"), "{}", w.message);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the runtime");
@@ -85,27 +57,20 @@ pub fn main(args: ConfigArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let listen = &loaded.config.listen;
-        let unserved = [
-            ("tls", listen.tls),
-            ("plain", listen.plain),
-            ("catch_all", listen.catch_all),
-            ("admin", listen.admin),
-        ];
+        let unserved = [("tls", listen.tls), ("plain", listen.plain), ("catch_all", listen.catch_all)];
         if let Some((name, _)) = unserved.iter().find(|(_, a)| a.is_some()) {
             // Refuse to start rather than leave a configured listener silently unserved.
-            tracing::error!(
-                listener = name,
-                "This build does not serve [listen] {name} yet"
-            );
+            tracing::error!(listener = name, "This build does not serve [listen] {name} yet");
             return ExitCode::from(2);
         }
-        let http_addr = listen.http;
-        let Some(http_addr) = http_addr else {
+        let Some(http_addr) = listen.http else {
             tracing::error!("No listener is configured: set [listen] http");
             return ExitCode::from(2);
         };
+        let admin_addr = listen.admin;
         let origin = loaded.config.source.origin.to_string();
         let rules = loaded.compiled.policy.rules().len();
+        let files = loaded.files.clone();
         let state = match state(loaded) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -113,54 +78,63 @@ pub fn main(args: ConfigArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let http = match TcpListener::bind(http_addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(addr = %http_addr, error = %e, "Cannot bind the http listener");
-                return ExitCode::from(1);
+        let mut listeners = Listeners::default();
+        for (name, addr, slot) in
+            [("http", Some(http_addr), &mut listeners.http), ("admin", admin_addr, &mut listeners.admin)]
+        {
+            let Some(addr) = addr else { continue };
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let bound = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+                    tracing::info!(listener = name, addr = %bound, config = %origin, rules, "Listening");
+                    *slot = Some(l);
+                }
+                Err(e) => {
+                    tracing::error!(listener = name, addr = %addr, error = %e, "Cannot bind");
+                    return ExitCode::from(1);
+                }
             }
-        };
-        let bound = http
-            .local_addr()
-            .map_or_else(|_| http_addr.to_string(), |a| a.to_string());
-        tracing::info!(listener = "http", addr = %bound, config = %origin, rules, "Listening");
+        }
         let shutdown = CancellationToken::new();
+        let reloader = Arc::new(Reloader::new(args.config.clone(), args.regions.clone(), state.clone(), files));
         tokio::spawn(signals(shutdown.clone()));
-        run(Listeners { http: Some(http) }, state, shutdown).await;
+        tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
+        tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
+        run(listeners, state, Some(reloader), shutdown).await;
         tracing::info!("Stopped");
         ExitCode::SUCCESS
     })
 }
 
 /// Serves until `shutdown` is cancelled, then drains.
-pub async fn run(listeners: Listeners, state: Arc<State>, shutdown: CancellationToken) {
+pub async fn run(
+    listeners: Listeners,
+    state: Arc<State>,
+    reloader: Option<Arc<Reloader>>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let admission = Arc::new(Admission::new(&state.limits));
     let mut accepts = Vec::new();
     if let Some(l) = listeners.http {
-        let (state, tracker, stop, shutdown, admission) = (
-            state.clone(),
-            tracker.clone(),
-            stop.clone(),
-            shutdown.clone(),
-            admission.clone(),
-        );
-        accepts.push(tokio::spawn(accept_http(
-            l, state, tracker, stop, shutdown, admission,
-        )));
+        let (state, tracker, stop, shutdown, admission) =
+            (state.clone(), tracker.clone(), stop.clone(), shutdown.clone(), admission.clone());
+        accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission)));
     }
+    if let Some(l) = listeners.admin {
+        tokio::spawn(admin::serve(l, state.clone(), reloader, shutdown.clone()));
+    }
+    state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     shutdown.cancelled().await;
+    state.ready.store(false, std::sync::atomic::Ordering::Relaxed);
     for a in accepts {
         let _ = a.await;
     }
     tracker.close();
     let grace = state.limits.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "Grace period over: closing open connections"
-        );
+        tracing::warn!(open = tracker.len(), "Grace period over: closing open connections");
         stop.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
     }
@@ -223,9 +197,7 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
     let limits = cx.state.limits;
     let svc_cx = cx.clone();
     let svc = service_fn(move |req| handle(req, svc_cx.clone()));
-    let conn = http1_builder(&limits)
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
+    let conn = http1_builder(&limits).serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -250,20 +222,11 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
 }
 
 /// Answers 503 to a client over a limit, then closes.
-async fn reject(
-    stream: TcpStream,
-    client: SocketAddr,
-    state: Arc<State>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn reject(stream: TcpStream, client: SocketAddr, state: Arc<State>, _permit: OwnedSemaphorePermit) {
     record_connection_refusal(&state, client, &Refusal::ConnectionLimit);
-    let svc = service_fn(|_req| async {
-        Ok::<_, std::convert::Infallible>(refusal_response(&Refusal::ConnectionLimit))
-    });
-    let _ = http1_builder(&state.limits)
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+    let svc =
+        service_fn(|_req| async { Ok::<_, std::convert::Infallible>(refusal_response(&Refusal::ConnectionLimit)) });
+    let _ = http1_builder(&state.limits).keep_alive(false).serve_connection(TokioIo::new(stream), svc).await;
 }
 
 /// An audit line for a refusal that has no request to speak of: a slow or malformed head, a limit.
@@ -317,11 +280,7 @@ impl Admission {
             return None;
         }
         *n += 1;
-        Some(Slot {
-            _total: total,
-            client,
-            per_client: self.per_client.clone(),
-        })
+        Some(Slot { _total: total, client, per_client: self.per_client.clone() })
     }
 }
 
@@ -339,13 +298,12 @@ impl Drop for Slot {
 }
 
 const OVERFLOW_ANSWERS: usize = 64;
+/// How often the config and service-tag files are checked for changes.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("Cannot install signal handlers");
         return;
     };
@@ -360,9 +318,5 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_PROXY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }

@@ -38,26 +38,17 @@ impl TagTable {
         for v in file.values {
             let mut prefixes = Vec::with_capacity(v.properties.address_prefixes.len());
             for p in &v.properties.address_prefixes {
-                let net: IpNet = p.parse().map_err(|_| TagError::Prefix {
-                    tag: v.name.clone(),
-                    prefix: p.clone(),
-                })?;
+                let net: IpNet = p.parse().map_err(|_| TagError::Prefix { tag: v.name.clone(), prefix: p.clone() })?;
                 prefixes.push(net);
             }
             tags.insert(v.name.to_ascii_lowercase(), (v.name, prefixes));
         }
-        Ok(Self {
-            tags,
-            change_number: file.change_number,
-            cloud: file.cloud,
-        })
+        Ok(Self { tags, change_number: file.change_number, cloud: file.cloud })
     }
 
     /// The prefixes of a tag, looked up ignoring case, with the name as Azure spells it.
     pub fn get(&self, name: &str) -> Option<(&str, &[IpNet])> {
-        self.tags
-            .get(&name.to_ascii_lowercase())
-            .map(|(n, p)| (n.as_str(), p.as_slice()))
+        self.tags.get(&name.to_ascii_lowercase()).map(|(n, p)| (n.as_str(), p.as_slice()))
     }
 
     /// Every tag, as Azure spells it, with its prefixes, in case-insensitive order.
@@ -107,8 +98,7 @@ struct Properties {
 mod tests {
     use super::*;
 
-    const SUBSET: &str =
-        include_str!("../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+    const SUBSET: &str = include_str!("../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
 
     #[test]
     fn reads_the_real_subset_file() {
@@ -118,14 +108,8 @@ mod tests {
         assert_eq!(t.cloud(), "Public");
         let (name, prefixes) = t.get("storage.westus2").unwrap();
         assert_eq!((name, prefixes.len()), ("Storage.WestUS2", 52));
-        assert_eq!(
-            t.get("STORAGE.FRANCECENTRAL").map(|(_, p)| p.len()),
-            Some(17)
-        );
-        assert!(
-            t.get("Storage.centralfrance").is_none(),
-            "the region field is never a name"
-        );
+        assert_eq!(t.get("STORAGE.FRANCECENTRAL").map(|(_, p)| p.len()), Some(17));
+        assert!(t.get("Storage.centralfrance").is_none(), "the region field is never a name");
         let total: usize = t.iter().map(|(_, p)| p.len()).sum();
         assert_eq!(total, 2430);
     }
@@ -133,10 +117,7 @@ mod tests {
     #[test]
     fn refuses_broken_files() {
         assert!(matches!(TagTable::parse("{}"), Err(TagError::Json(_))));
-        assert!(matches!(
-            TagTable::parse(r#"{"changeNumber":1,"values":[]}"#),
-            Err(TagError::Empty)
-        ));
+        assert!(matches!(TagTable::parse(r#"{"changeNumber":1,"values":[]}"#), Err(TagError::Empty)));
         let bad = r#"{"changeNumber":1,"values":[{"name":"X","properties":{"addressPrefixes":["1.2.3.4/33"]}}]}"#;
         assert!(matches!(TagTable::parse(bad), Err(TagError::Prefix { .. })));
     }

@@ -46,19 +46,10 @@ fn check_prints_one_line_per_destination_and_exits_1_when_any_is_denied() {
 
 #[test]
 fn check_json_and_region_override() {
-    let (code, out, _) = run(&[
-        "check",
-        "--json",
-        "--region",
-        "eastus",
-        "x.eastus.batch.azure.com",
-        "x.westus2.batch.azure.com",
-    ]);
+    let (code, out, _) =
+        run(&["check", "--json", "--region", "eastus", "x.eastus.batch.azure.com", "x.westus2.batch.azure.com"]);
     assert_eq!(code, 1);
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[0]["decision"], "allow");
     assert_eq!(lines[0]["rule"], "azure-batch");
     assert_eq!(lines[1]["decision"], "deny");
@@ -76,29 +67,15 @@ fn check_uses_source_and_static_pins() {
     )
     .unwrap();
     let c = cfg.to_str().unwrap();
-    let (code, out, _) = run(&[
-        "check",
-        "--config",
-        c,
-        "--source",
-        "192.168.10.7",
-        "docs.example.com",
-        "api.example.com",
-    ]);
+    let (code, out, _) =
+        run(&["check", "--config", c, "--source", "192.168.10.7", "docs.example.com", "api.example.com"]);
     assert_eq!(code, 1);
-    assert_eq!(out, "allow docs.example.com:443 rule=team\ndeny  api.example.com:443 reason=internal_address addr=10.1.2.3\n");
-    let (_, out, _) = run(&[
-        "check",
-        "--config",
-        c,
-        "--source",
-        "192.168.11.7",
-        "docs.example.com",
-    ]);
     assert_eq!(
         out,
-        "deny  docs.example.com:443 reason=source_not_allowed rule=team\n"
+        "allow docs.example.com:443 rule=team\ndeny  api.example.com:443 reason=internal_address addr=10.1.2.3\n"
     );
+    let (_, out, _) = run(&["check", "--config", c, "--source", "192.168.11.7", "docs.example.com"]);
+    assert_eq!(out, "deny  docs.example.com:443 reason=source_not_allowed rule=team\n");
 }
 
 #[test]
@@ -113,42 +90,26 @@ fn config_errors_exit_2_and_name_file_line_and_field() {
         }
         let (code, _, err) = run(&args);
         assert_eq!(code, 2, "{sub}");
-        assert!(
-            err.contains(&format!(
-                "{}:7:1: rule[0].portz: unknown field `portz`",
-                cfg.display()
-            )),
-            "{sub}: {err}"
-        );
+        assert!(err.contains(&format!("{}:7:1: rule[0].portz: unknown field `portz`", cfg.display())), "{sub}: {err}");
     }
     let (code, _, err) = run(&["validate", "--config", "/nonexistent/egress.toml"]);
     assert_eq!(code, 2);
-    assert!(
-        err.starts_with("/nonexistent/egress.toml: cannot read"),
-        "{err}"
-    );
+    assert!(err.starts_with("/nonexistent/egress.toml: cannot read"), "{err}");
 }
 
 #[test]
 fn validate_prints_the_expanded_policy_and_warns_about_open_storage() {
-    let (code, out, _) = run(&[
-        "validate",
-        "--region",
-        "WestUS2",
-        "--region",
-        "francecentral",
-    ]);
+    let (code, out, _) = run(&["validate", "--region", "WestUS2", "--region", "francecentral"]);
     assert_eq!(code, 0);
-    assert!(
-        out.starts_with("<embedded config/azureml.toml>: 9 rules enabled, 6 disabled;"),
-        "{out}"
-    );
+    assert!(out.starts_with("<embedded config/azureml.toml>: 9 rules enabled, 6 disabled;"), "{out}");
     assert!(out.contains("rule azure-batch allow tcp ports 443: hosts *.westus2.batch.azure.com, *.francecentral.batch.azure.com, *.westus2.service.batch.azure.com, *.francecentral.service.batch.azure.com\n"), "{out}");
-    assert!(out.contains("service_tags BatchNodeManagement.WestUS2 (13 prefixes), BatchNodeManagement.FranceCentral (9 prefixes)"), "{out}");
     assert!(
-        out.contains("warning: rule storage: storage_accounts is empty"),
+        out.contains(
+            "service_tags BatchNodeManagement.WestUS2 (13 prefixes), BatchNodeManagement.FranceCentral (9 prefixes)"
+        ),
         "{out}"
     );
+    assert!(out.contains("warning: rule storage: storage_accounts is empty"), "{out}");
     assert!(!out.contains("AzureFrontDoor.Frontend"), "{out}");
 }
 
@@ -156,10 +117,7 @@ fn validate_prints_the_expanded_policy_and_warns_about_open_storage() {
 fn run_serves_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.toml");
-    let tags = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/ServiceTags_Public_20251020.azureml-subset.json"
-    );
+    let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
     std::fs::write(
         &cfg,
         format!("[listen]\nhttp = \"127.0.0.1:0\"\n[service_tags]\nfile = {tags:?}\n[audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\n"),
@@ -184,32 +142,21 @@ fn run_serves_and_exits_0_on_sigterm() {
     }
     let addr = addr.expect("the proxy logs its bound address");
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n")
-        .unwrap();
+    s.write_all(b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    assert!(
-        audit.contains("\"reason\":\"no_rule\""),
-        "the audit path is relative to the config file: {audit}"
-    );
+    assert!(audit.contains("\"reason\":\"no_rule\""), "the audit path is relative to the config file: {audit}");
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert_eq!(status.code(), Some(0));
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

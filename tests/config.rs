@@ -8,20 +8,10 @@ fn the_preset_leaves_out_azure_front_door_frontend_on_purpose() {
     // AzureFrontDoor.Frontend fronts every customer's Front Door endpoint: allowing it would let the
     // compute reach an attacker's endpoint. Only AzureFrontDoor.FirstParty is in the preset.
     let loaded = load(None, &[]).unwrap();
-    let tags: Vec<&str> = loaded
-        .compiled
-        .policy
-        .rules()
-        .iter()
-        .flat_map(|r| r.tags.iter().map(|(t, _)| t.as_str()))
-        .collect();
+    let tags: Vec<&str> =
+        loaded.compiled.policy.rules().iter().flat_map(|r| r.tags.iter().map(|(t, _)| t.as_str())).collect();
     assert!(tags.contains(&"AzureFrontDoor.FirstParty"));
-    assert!(
-        !tags
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case("AzureFrontDoor.Frontend")),
-        "{tags:?}"
-    );
+    assert!(!tags.iter().any(|t| t.eq_ignore_ascii_case("AzureFrontDoor.Frontend")), "{tags:?}");
     assert!(!egress_proxy::config::EMBEDDED_CONFIG
         .lines()
         .any(|l| !l.trim_start().starts_with('#') && l.contains("AzureFrontDoor.Frontend")));
@@ -52,33 +42,24 @@ fn the_preset_names_the_microsoft_guidance_service_tags_for_each_region() {
             "Storage.WestUS2",
         ]
     );
-    assert!(loaded.compiled.policy.rules().iter().all(|r| r
-        .ports
+    assert!(loaded
+        .compiled
+        .policy
+        .rules()
         .iter()
-        .all(|p| *p == (443..=443) || r.name.as_ref() == "azureml-udp")));
+        .all(|r| r.ports.iter().all(|p| *p == (443..=443) || r.name.as_ref() == "azureml-udp")));
 }
 
 #[test]
 fn storage_accounts_restrict_the_storage_rule_to_those_accounts() {
-    let text = egress_proxy::config::EMBEDDED_CONFIG.replace(
-        "storage_accounts = []",
-        "storage_accounts = [\"mlstore123\"]",
-    );
+    let text =
+        egress_proxy::config::EMBEDDED_CONFIG.replace("storage_accounts = []", "storage_accounts = [\"mlstore123\"]");
     let config = Config::from_str(&text, Origin::Embedded).unwrap();
-    let tags =
-        egress_proxy::service_tags::TagTable::parse(egress_proxy::config::EMBEDDED_TAGS).unwrap();
+    let tags = egress_proxy::service_tags::TagTable::parse(egress_proxy::config::EMBEDDED_TAGS).unwrap();
     let compiled = egress_proxy::policy::compile(&config, &tags).unwrap();
-    let storage = compiled
-        .policy
-        .rules()
-        .iter()
-        .find(|r| r.name.as_ref() == "storage")
-        .unwrap();
+    let storage = compiled.policy.rules().iter().find(|r| r.name.as_ref() == "storage").unwrap();
     assert_eq!(storage.patterns.len(), 5);
-    assert!(storage
-        .patterns
-        .iter()
-        .all(|p| p.to_string().starts_with("mlstore123.")));
+    assert!(storage.patterns.iter().all(|p| p.to_string().starts_with("mlstore123.")));
     assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
 }
 
@@ -86,22 +67,13 @@ fn storage_accounts_restrict_the_storage_rule_to_those_accounts() {
 fn a_tag_missing_from_the_file_is_an_error_naming_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.toml");
-    let tags = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/ServiceTags_Public_20251020.azureml-subset.json"
-    );
+    let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
     std::fs::write(&cfg, format!("[service_tags]\nfile = {tags:?}\n\n[[rule]]\nname = \"s\"\naction = \"allow\"\nservice_tags = [\"Storage\"]\n")).unwrap();
     let err = load(Some(&cfg), &[]).unwrap_err();
     assert_eq!(err.0.len(), 1);
     let e = &err.0[0];
-    assert_eq!(
-        (e.line, e.field.as_str()),
-        (7, "rule[0] \"s\".service_tags[0]")
-    );
-    assert_eq!(
-        e.msg,
-        "service tag \"Storage\" is not in the service-tag file (changeNumber 374)"
-    );
+    assert_eq!((e.line, e.field.as_str()), (7, "rule[0] \"s\".service_tags[0]"));
+    assert_eq!(e.msg, "service tag \"Storage\" is not in the service-tag file (changeNumber 374)");
 }
 
 #[test]
@@ -121,15 +93,7 @@ fn a_missing_or_broken_tag_file_is_an_error_on_its_field() {
 fn limits_and_resolve_pins_are_checked() {
     let bad = "[limits]\nmax_request_head_bytes = 100\n[resolve.static]\n\"ML.azure.com\" = [\"127.0.0.1\"]\n";
     let config = Config::from_str(bad, Origin::File("p.toml".into())).unwrap();
-    let errs = egress_proxy::policy::compile(&config, &Default::default())
-        .unwrap_err()
-        .0;
+    let errs = egress_proxy::policy::compile(&config, &Default::default()).unwrap_err().0;
     let fields: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
-    assert_eq!(
-        fields,
-        [
-            (4, "resolve.static.\"ML.azure.com\""),
-            (2, "limits.max_request_head_bytes")
-        ]
-    );
+    assert_eq!(fields, [(4, "resolve.static.\"ML.azure.com\""), (2, "limits.max_request_head_bytes")]);
 }

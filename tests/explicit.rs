@@ -39,39 +39,20 @@ async fn allowed_name_gets_its_page_and_a_10_mb_body_intact() {
     assert_eq!(page.status(), 200);
     assert_eq!(page.text().await.unwrap(), "hello from ml.azure.com");
 
-    let big = client
-        .get(format!("{base}/big"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let big = client.get(format!("{base}/big")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(big.len(), BIG);
     assert_eq!(sha256(&big), sha256(&big_body()));
 
     drop(client); // closes the pooled tunnel, which writes its close line
     let lines = proxy.audit_at_least(2).await;
     let allow = decisions(&lines);
-    assert!(allow
-        .iter()
-        .all(|d| d["decision"] == "allow" && d["rule"] == "azureml" && d["method"] == "CONNECT"));
+    assert!(allow.iter().all(|d| d["decision"] == "allow" && d["rule"] == "azureml" && d["method"] == "CONNECT"));
     assert_eq!(allow[0]["host"], "ml.azure.com");
-    assert_eq!(
-        allow[0]["dst_addr"],
-        format!("127.0.0.1:{}", origin.addr.port())
-    );
+    assert_eq!(allow[0]["dst_addr"], format!("127.0.0.1:{}", origin.addr.port()));
     assert_eq!(allow[0]["listener"], "http");
     let closes: Vec<&Value> = lines.iter().filter(|l| l["event"] == "close").collect();
-    assert!(
-        closes
-            .iter()
-            .any(|c| c["bytes_down"].as_u64().unwrap() > BIG as u64),
-        "{closes:#?}"
-    );
-    assert!(closes
-        .iter()
-        .all(|c| c["bytes_up"].as_u64().unwrap() > 0 && c["rule"] == "azureml"));
+    assert!(closes.iter().any(|c| c["bytes_down"].as_u64().unwrap() > BIG as u64), "{closes:#?}");
+    assert!(closes.iter().all(|c| c["bytes_up"].as_u64().unwrap() > 0 && c["rule"] == "azureml"));
 }
 
 #[tokio::test]
@@ -82,30 +63,16 @@ async fn curl_through_the_proxy_gets_the_page_and_is_refused_elsewhere() {
     let (proxy_addr, ca_path) = (proxy.addr, origin.ca_path.clone());
     let curl = move |host: &str| {
         let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "20",
-                "--noproxy",
-                "",
-                "-x",
-                &format!("http://{proxy_addr}"),
-            ])
+            .args(["-sS", "--max-time", "20", "--noproxy", "", "-x", &format!("http://{proxy_addr}")])
             .arg("--cacert")
             .arg(&ca_path)
-            .args([
-                "-w",
-                "\n%{http_connect}",
-                &format!("https://{host}:{port}/"),
-            ])
+            .args(["-w", "\n%{http_connect}", &format!("https://{host}:{port}/")])
             .output()
             .expect("the curl binary is needed (.ci/run installs it)");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let (ok, denied) =
-        tokio::task::spawn_blocking(move || (curl("mcr.microsoft.com"), curl("evil.example.com")))
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || (curl("mcr.microsoft.com"), curl("evil.example.com"))).await.unwrap();
     assert_eq!(ok, "hello from mcr.microsoft.com\n200");
     assert_eq!(denied, "\n403");
 }
@@ -114,30 +81,20 @@ async fn curl_through_the_proxy_gets_the_page_and_is_refused_elsewhere() {
 async fn denied_name_gets_403_with_reason_and_one_audit_line_and_is_never_resolved() {
     let origin = TlsOrigin::start(NAMES).await;
     let proxy = TestProxy::start(&rules_for(origin.addr, "")).await;
-    let req = format!(
-        "CONNECT evil.example.com:{0} HTTP/1.1\r\nHost: evil.example.com:{0}\r\n\r\n",
-        origin.addr.port()
-    );
+    let req =
+        format!("CONNECT evil.example.com:{0} HTTP/1.1\r\nHost: evil.example.com:{0}\r\n\r\n", origin.addr.port());
     let (resp, closed) = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
     assert!(resp.contains("x-egress-deny-reason: no_rule\r\n"), "{resp}");
     assert!(resp.ends_with("egress-proxy: refused: no_rule\n"), "{resp}");
     assert!(closed, "the connection is closed after a refusal");
-    assert_eq!(
-        proxy.state.resolver.lookups(),
-        0,
-        "a refused name is never resolved"
-    );
+    assert_eq!(proxy.state.resolver.lookups(), 0, "a refused name is never resolved");
     let lines = proxy.audit();
     assert_eq!(lines.len(), 1, "{lines:#?}");
     let l = &lines[0];
     assert_eq!(
-        (
-            l["decision"].as_str(),
-            l["reason"].as_str(),
-            l["host"].as_str()
-        ),
+        (l["decision"].as_str(), l["reason"].as_str(), l["host"].as_str()),
         (Some("deny"), Some("no_rule"), Some("evil.example.com"))
     );
     assert_eq!(l["port"], origin.addr.port());
@@ -149,11 +106,7 @@ async fn denied_name_gets_403_with_reason_and_one_audit_line_and_is_never_resolv
 async fn denied_port_gets_port_not_allowed() {
     let proxy = TestProxy::start(&rules_for("127.0.0.1:9".parse().unwrap(), "")).await;
     let client = proxy.reqwest(&TlsOrigin::start(NAMES).await.ca_pem);
-    let err = client
-        .get("https://ml.azure.com:8443/")
-        .send()
-        .await
-        .unwrap_err();
+    let err = client.get("https://ml.azure.com:8443/").send().await.unwrap_err();
     assert!(format!("{err:?}").contains("TunnelUnsuccessful"), "{err:?}");
     let lines = proxy.audit();
     assert_eq!(lines[0]["reason"], "port_not_allowed");
@@ -163,35 +116,24 @@ async fn denied_port_gets_port_not_allowed() {
 #[tokio::test]
 async fn allowed_name_pinned_to_a_private_address_is_refused_before_any_connect() {
     let proxy = TestProxy::start(&rules_for("127.0.0.1:443".parse().unwrap(), "")).await;
-    let (resp, _) = raw_exchange(
-        proxy.addr,
-        b"CONNECT pinned.azure.com:443 HTTP/1.1\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let (resp, _) =
+        raw_exchange(proxy.addr, b"CONNECT pinned.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
-    assert!(
-        resp.contains("x-egress-deny-reason: internal_address"),
-        "{resp}"
-    );
+    assert!(resp.contains("x-egress-deny-reason: internal_address"), "{resp}");
     let lines = proxy.audit();
     assert_eq!(lines.len(), 1);
-    assert_eq!(
-        (lines[0]["reason"].as_str(), lines[0]["dst_addr"].is_null()),
-        (Some("internal_address"), true)
-    );
-    assert_eq!(
-        proxy.state.resolver.lookups(),
-        1,
-        "resolved once, then refused on the address"
-    );
+    assert_eq!((lines[0]["reason"].as_str(), lines[0]["dst_addr"].is_null()), (Some("internal_address"), true));
+    assert_eq!(proxy.state.resolver.lookups(), 1, "resolved once, then refused on the address");
 }
 
 #[tokio::test]
 async fn ip_literals_are_decided_on_the_address() {
     let echo = echo_origin().await;
-    let extra = format!("[[rule]]\nname = \"loopback-one\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\n", echo.port());
+    let extra = format!(
+        "[[rule]]\nname = \"loopback-one\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\n",
+        echo.port()
+    );
     let proxy = TestProxy::start(&rules_for(echo, &extra)).await;
     let inside = format!("CONNECT 127.0.0.1:{0} HTTP/1.1\r\n\r\nping", echo.port());
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -199,29 +141,18 @@ async fn ip_literals_are_decided_on_the_address() {
     let mut buf = vec![0u8; 256];
     let mut got = Vec::new();
     while !got.ends_with(b"ping") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
         assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(
-        got.starts_with(b"HTTP/1.1 200 OK\r\n"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&got));
     drop(s);
 
     let outside = format!("CONNECT 127.0.0.2:{0} HTTP/1.1\r\n\r\n", echo.port());
     let (resp, _) = raw_exchange(proxy.addr, outside.as_bytes(), Duration::from_secs(5)).await;
     assert!(String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: no_rule"));
-    let (resp, _) = raw_exchange(
-        proxy.addr,
-        b"CONNECT [::ffff:7f00:1]:1 HTTP/1.1\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let (resp, _) =
+        raw_exchange(proxy.addr, b"CONNECT [::ffff:7f00:1]:1 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     assert!(
         String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: port_not_allowed"),
         "mapped IPv6 is the IPv4 address"
@@ -234,18 +165,12 @@ async fn ip_literals_are_decided_on_the_address() {
 async fn bytes_sent_before_the_200_are_delivered_after_it() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "")).await;
-    let req = format!(
-        "CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nearly bytes",
-        echo.port()
-    );
+    let req = format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nearly bytes", echo.port());
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     s.shutdown().await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
     assert!(out.ends_with("\r\n\r\nearly bytes"), "{out}");
@@ -263,10 +188,7 @@ async fn plain_http_is_forwarded_both_ways_without_hop_by_hop_headers() {
 
     let big = client.get(format!("{base}/big")).send().await.unwrap();
     assert_eq!(big.status(), 200);
-    assert!(
-        big.headers().get("keep-alive").is_none(),
-        "hop-by-hop response header removed"
-    );
+    assert!(big.headers().get("keep-alive").is_none(), "hop-by-hop response header removed");
     assert_eq!(big.headers()["x-origin"], "yes");
     assert_eq!(sha256(&big.bytes().await.unwrap()), sha256(&big_body()));
 
@@ -287,21 +209,14 @@ async fn plain_http_is_forwarded_both_ways_without_hop_by_hop_headers() {
     let (summary, headers) = echo.split_once('\n').unwrap();
     assert_eq!(summary, format!("{} {}", upload.len(), sha256(&upload)));
     let headers: Vec<&str> = headers.split(',').collect();
-    assert!(
-        headers.contains(&"x-end-to-end") && headers.contains(&"host"),
-        "{headers:?}"
-    );
+    assert!(headers.contains(&"x-end-to-end") && headers.contains(&"host"), "{headers:?}");
     for hop in ["proxy-connection", "connection", "x-secret", "keep-alive"] {
-        assert!(
-            !headers.contains(&hop),
-            "{hop} reached the origin: {headers:?}"
-        );
+        assert!(!headers.contains(&hop), "{hop} reached the origin: {headers:?}");
     }
     drop(client);
     let lines = proxy.audit_at_least(4).await;
-    let post_close = lines
-        .iter()
-        .find(|l| l["event"] == "close" && l["bytes_up"].as_u64() == Some(upload.len() as u64));
+    let post_close =
+        lines.iter().find(|l| l["event"] == "close" && l["bytes_up"].as_u64() == Some(upload.len() as u64));
     assert!(post_close.is_some(), "{lines:#?}");
     assert_eq!(decisions(&lines)[1]["method"], "POST");
 }
@@ -322,11 +237,7 @@ async fn malformed_requests_get_400() {
     for case in cases {
         let (resp, closed) = raw_exchange(proxy.addr, case, Duration::from_secs(5)).await;
         let resp = String::from_utf8_lossy(&resp);
-        assert!(
-            resp.starts_with("HTTP/1.1 400 "),
-            "{}\n→ {resp}",
-            String::from_utf8_lossy(case)
-        );
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{}\n→ {resp}", String::from_utf8_lossy(case));
         assert!(closed);
     }
     assert_eq!(proxy.state.resolver.lookups(), 0);
@@ -335,8 +246,7 @@ async fn malformed_requests_get_400() {
 #[tokio::test]
 async fn upstream_failures_are_502_and_audited_as_fail() {
     let port = closed_port();
-    let proxy =
-        TestProxy::start(&rules_for(format!("127.0.0.1:{port}").parse().unwrap(), "")).await;
+    let proxy = TestProxy::start(&rules_for(format!("127.0.0.1:{port}").parse().unwrap(), "")).await;
     let (resp, _) = raw_exchange(
         proxy.addr,
         format!("CONNECT ml.azure.com:{port} HTTP/1.1\r\n\r\n").as_bytes(),
@@ -344,11 +254,7 @@ async fn upstream_failures_are_502_and_audited_as_fail() {
     )
     .await;
     let resp = String::from_utf8_lossy(&resp);
-    assert!(
-        resp.starts_with("HTTP/1.1 502 ")
-            && resp.contains("x-egress-deny-reason: upstream_unreachable"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 502 ") && resp.contains("x-egress-deny-reason: upstream_unreachable"), "{resp}");
     let (resp, _) = raw_exchange(
         proxy.addr,
         format!("CONNECT empty.azure.com:{port} HTTP/1.1\r\n\r\n").as_bytes(),
@@ -356,34 +262,21 @@ async fn upstream_failures_are_502_and_audited_as_fail() {
     )
     .await;
     let resp = String::from_utf8_lossy(&resp);
-    assert!(
-        resp.starts_with("HTTP/1.1 502 ") && resp.contains("x-egress-deny-reason: resolve_failed"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 502 ") && resp.contains("x-egress-deny-reason: resolve_failed"), "{resp}");
     let lines = proxy.audit();
     assert_eq!(
-        lines
-            .iter()
-            .map(|l| (
-                l["decision"].as_str().unwrap(),
-                l["reason"].as_str().unwrap()
-            ))
-            .collect::<Vec<_>>(),
+        lines.iter().map(|l| (l["decision"].as_str().unwrap(), l["reason"].as_str().unwrap())).collect::<Vec<_>>(),
         [("fail", "upstream_unreachable"), ("fail", "resolve_failed")]
     );
 }
 
 #[tokio::test]
 async fn a_slowloris_client_is_dropped_and_logged() {
-    let proxy = TestProxy::start(&rules_for(
-        "127.0.0.1:443".parse().unwrap(),
-        "[limits]\nrequest_head_timeout = \"500ms\"\n",
-    ))
-    .await;
+    let proxy =
+        TestProxy::start(&rules_for("127.0.0.1:443".parse().unwrap(), "[limits]\nrequest_head_timeout = \"500ms\"\n"))
+            .await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"CONNECT ml.azure.com:443 HTTP/1.1\r\nX-Slow: ")
-        .await
-        .unwrap();
+    s.write_all(b"CONNECT ml.azure.com:443 HTTP/1.1\r\nX-Slow: ").await.unwrap();
     let started = std::time::Instant::now();
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -410,33 +303,19 @@ async fn connection_limit_is_answered_503() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections = 1\n")).await;
     let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-        .await
-        .unwrap();
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
     let mut buf = [0u8; 64];
     let n = held.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    let (resp, _) = raw_exchange(
-        proxy.addr,
-        b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let (resp, _) =
+        raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     let resp = String::from_utf8_lossy(&resp);
-    assert!(
-        resp.starts_with("HTTP/1.1 503 ")
-            && resp.contains("x-egress-deny-reason: connection_limit"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 503 ") && resp.contains("x-egress-deny-reason: connection_limit"), "{resp}");
     drop(held);
     // The slot comes back when the tunnel closes.
     for _ in 0..100 {
-        let (resp, _) = raw_exchange(
-            proxy.addr,
-            b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n",
-            Duration::from_secs(5),
-        )
-        .await;
+        let (resp, _) =
+            raw_exchange(proxy.addr, b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
         if resp.starts_with(b"HTTP/1.1 403") {
             return;
         }
@@ -450,51 +329,31 @@ async fn graceful_shutdown_lets_a_running_download_finish() {
     let origin = TlsOrigin::start(NAMES).await;
     let proxy = TestProxy::start(&rules_for(origin.addr, "")).await;
     let client = proxy.reqwest(&origin.ca_pem);
-    let mut resp = client
-        .get(format!("https://ml.azure.com:{}/slow", origin.addr.port()))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = client.get(format!("https://ml.azure.com:{}/slow", origin.addr.port())).send().await.unwrap();
     let mut body = resp.chunk().await.unwrap().unwrap().to_vec();
     proxy.shutdown.cancel();
     // New connections are refused once the listener is closed.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
-        "still accepting after shutdown"
-    );
+    assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err(), "still accepting after shutdown");
     while let Some(chunk) = resp.chunk().await.unwrap() {
         body.extend_from_slice(&chunk);
     }
     assert_eq!(sha256(&body), sha256(&big_body()));
     drop(client);
-    tokio::time::timeout(Duration::from_secs(10), proxy.done)
-        .await
-        .expect("run returned after draining")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy.done).await.expect("run returned after draining").unwrap();
 }
 
 #[tokio::test]
 async fn per_client_limit_is_answered_503() {
     let echo = echo_origin().await;
-    let proxy = TestProxy::start(&rules_for(
-        echo,
-        "[limits]\nmax_connections_per_client = 1\n",
-    ))
-    .await;
+    let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections_per_client = 1\n")).await;
     let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-        .await
-        .unwrap();
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
     let mut buf = [0u8; 64];
     let n = held.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    let (resp, _) = raw_exchange(
-        proxy.addr,
-        b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let (resp, _) =
+        raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     assert!(String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: connection_limit"));
     let lines = proxy.audit_at_least(2).await;
     assert_eq!(lines[1]["reason"], "connection_limit");
@@ -504,22 +363,12 @@ async fn per_client_limit_is_answered_503() {
 async fn upstream_connect_timeout_is_504() {
     // A listener whose accept queue is full drops new SYNs, so a connect to it hangs.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
     socket.listen(0).unwrap();
     let full: std::net::SocketAddr = socket.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..3 {
-        fillers.push(tokio::spawn(tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio::net::TcpStream::connect(full),
-        )));
+        fillers.push(tokio::spawn(tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(full))));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let proxy = TestProxy::start(&rules_for(full, "[limits]\nconnect_timeout = \"300ms\"\n")).await;
@@ -531,11 +380,7 @@ async fn upstream_connect_timeout_is_504() {
     )
     .await;
     let resp = String::from_utf8_lossy(&resp);
-    assert!(
-        resp.starts_with("HTTP/1.1 504 ")
-            && resp.contains("x-egress-deny-reason: upstream_timeout"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 504 ") && resp.contains("x-egress-deny-reason: upstream_timeout"), "{resp}");
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(proxy.audit()[0]["decision"], "fail");
     drop(socket);

@@ -45,12 +45,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         limits,
         source,
     } = config;
-    let mut cx = Cx {
-        source,
-        tags,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
+    let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
 
     // Not policy, but checked here so that every error in the file is reported at once.
     for (name, addrs) in &resolve.static_hosts {
@@ -61,11 +56,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
                 &format!("resolve.static.{name:?}"),
                 format!("not in normalised form; write it as {:?}", n.as_str()),
             ),
-            Err(e) => cx.error(
-                addrs.span(),
-                &format!("resolve.static.{name:?}"),
-                e.to_string(),
-            ),
+            Err(e) => cx.error(addrs.span(), &format!("resolve.static.{name:?}"), e.to_string()),
         }
     }
     let head = &limits.max_request_head_bytes;
@@ -77,24 +68,15 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         );
     }
     if limits.max_connections == 0 || limits.max_connections_per_client == 0 {
-        cx.error(
-            0..0,
-            "limits",
-            "max_connections and max_connections_per_client must be at least 1".into(),
-        );
+        cx.error(0..0, "limits", "max_connections and max_connections_per_client must be at least 1".into());
     }
 
     let regions: Vec<String> = regions
         .iter()
         .filter_map(|r| {
-            let ok =
-                !r.get_ref().is_empty() && r.get_ref().bytes().all(|b| b.is_ascii_alphanumeric());
+            let ok = !r.get_ref().is_empty() && r.get_ref().bytes().all(|b| b.is_ascii_alphanumeric());
             if !ok {
-                cx.error(
-                    r.span(),
-                    "regions",
-                    format!("{:?} is not a region name such as \"westus2\"", r.get_ref()),
-                );
+                cx.error(r.span(), "regions", format!("{:?} is not a region name such as \"westus2\"", r.get_ref()));
             }
             ok.then(|| r.get_ref().clone())
         })
@@ -104,26 +86,19 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         .filter_map(|a| {
             let s = a.get_ref();
             // Azure storage account names: 3-24 lower-case letters and digits.
-            let ok = (3..=24).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            let ok = (3..=24).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
             if !ok {
                 cx.error(
                     a.span(),
                     "storage_accounts",
-                    format!(
-                        "{s:?} is not a storage account name (3-24 lower-case letters and digits)"
-                    ),
+                    format!("{s:?} is not a storage account name (3-24 lower-case letters and digits)"),
                 );
             }
             ok.then(|| s.clone())
         })
         .collect();
-    let allow_internal: Vec<IpNet> = safety
-        .allow_internal
-        .iter()
-        .filter_map(|n| cx.net(n, "safety.allow_internal".into()))
-        .collect();
+    let allow_internal: Vec<IpNet> =
+        safety.allow_internal.iter().filter_map(|n| cx.net(n, "safety.allow_internal".into())).collect();
 
     let mut compiled = Vec::new();
     let mut disabled = Vec::new();
@@ -131,23 +106,12 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
     for (i, rc) in rules.iter().enumerate() {
         let name = rc.name.get_ref();
         let label = format!("rule[{i}] {name:?}");
-        let name_ok = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !name_ok {
-            cx.error(
-                rc.name.span(),
-                &format!("{label}.name"),
-                "use letters, digits, '-', '_' and '.'".into(),
-            );
+            cx.error(rc.name.span(), &format!("{label}.name"), "use letters, digits, '-', '_' and '.'".into());
         }
         if !seen.insert(name.clone()) {
-            cx.error(
-                rc.name.span(),
-                &format!("{label}.name"),
-                "another rule has this name".into(),
-            );
+            cx.error(rc.name.span(), &format!("{label}.name"), "another rule has this name".into());
         }
         if !rc.enabled {
             disabled.push(name.clone());
@@ -163,39 +127,24 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         return Err(ConfigErrors(cx.errors));
     }
 
-    let names = NameIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
-        r.patterns
-            .iter()
-            .map(move |p| (p.clone(), RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
-    }));
+    let names =
+        NameIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
+            r.patterns.iter().map(move |p| (p.clone(), RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
+        }));
     let names = match names {
         Ok(n) => n,
-        Err(e) => {
-            return Err(ConfigErrors(vec![source.error(
-                0..0,
-                "rule.hosts".into(),
-                e.to_string(),
-            )]))
-        }
+        Err(e) => return Err(ConfigErrors(vec![source.error(0..0, "rule.hosts".into(), e.to_string())])),
     };
-    let nets = RangeIndex::build(compiled.iter().enumerate().flat_map(|(i, r)| {
-        r.ranges
+    let nets = RangeIndex::build(
+        compiled
             .iter()
-            .map(move |n| (*n, RuleId(u32::try_from(i).unwrap_or(u32::MAX))))
-    }));
+            .enumerate()
+            .flat_map(|(i, r)| r.ranges.iter().map(move |n| (*n, RuleId(u32::try_from(i).unwrap_or(u32::MAX))))),
+    );
     let mut warnings = cx.warnings;
     warnings.extend(compiled.iter().flat_map(lint));
-    let policy = Policy {
-        rules: compiled,
-        names,
-        nets,
-        safety: Safety::new(allow_internal),
-    };
-    Ok(Compiled {
-        policy,
-        disabled,
-        warnings,
-    })
+    let policy = Policy { rules: compiled, names, nets, safety: Safety::new(allow_internal) };
+    Ok(Compiled { policy, disabled, warnings })
 }
 
 /// Compile context: the source for error positions, the tags, and what was found.
@@ -208,62 +157,32 @@ struct Cx<'a> {
 
 impl Cx<'_> {
     fn error(&mut self, span: std::ops::Range<usize>, field: &str, msg: String) {
-        self.errors
-            .push(self.source.error(span, field.to_string(), msg));
+        self.errors.push(self.source.error(span, field.to_string(), msg));
     }
 
     fn net(&mut self, s: &toml::Spanned<String>, field: String) -> Option<IpNet> {
         match s.get_ref().parse::<IpNet>() {
             Ok(net) if net.trunc() == net => Some(net),
             Ok(net) => {
-                self.error(
-                    s.span(),
-                    &field,
-                    format!("host bits are set; write it as \"{}\"", net.trunc()),
-                );
+                self.error(s.span(), &field, format!("host bits are set; write it as \"{}\"", net.trunc()));
                 None
             }
             Err(_) => {
-                self.error(
-                    s.span(),
-                    &field,
-                    format!(
-                        "{:?} is not a CIDR range such as \"20.42.0.0/16\"",
-                        s.get_ref()
-                    ),
-                );
+                self.error(s.span(), &field, format!("{:?} is not a CIDR range such as \"20.42.0.0/16\"", s.get_ref()));
                 None
             }
         }
     }
 
-    fn rule(
-        &mut self,
-        rc: &RuleConfig,
-        label: &str,
-        regions: &[String],
-        accounts: &[String],
-    ) -> Option<Rule> {
-        let RuleConfig {
-            name,
-            action,
-            enabled: _,
-            protocol,
-            hosts,
-            cidrs,
-            service_tags,
-            ports,
-            sources,
-        } = rc;
+    fn rule(&mut self, rc: &RuleConfig, label: &str, regions: &[String], accounts: &[String]) -> Option<Rule> {
+        let RuleConfig { name, action, enabled: _, protocol, hosts, cidrs, service_tags, ports, sources } = rc;
         let before = self.errors.len();
 
         let mut patterns = Vec::new();
         let mut storage_open = false;
         for (i, h) in hosts.iter().enumerate() {
             let field = format!("{label}.hosts[{i}]");
-            let Some(expanded) =
-                self.expand(h, &field, regions, accounts, |r| r.to_ascii_lowercase())
-            else {
+            let Some(expanded) = self.expand(h, &field, regions, accounts, |r| r.to_ascii_lowercase()) else {
                 continue;
             };
             if expanded.is_empty() && h.get_ref().contains(STORAGE_ACCOUNT) {
@@ -308,11 +227,8 @@ impl Cx<'_> {
             }
         }
         ranges.extend_from_slice(&cidr_nets);
-        let source_nets: Vec<IpNet> = sources
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| self.net(s, format!("{label}.sources[{i}]")))
-            .collect();
+        let source_nets: Vec<IpNet> =
+            sources.iter().enumerate().filter_map(|(i, s)| self.net(s, format!("{label}.sources[{i}]"))).collect();
         let ports: Vec<_> = match ports {
             Some(list) => list.iter().map(|PortRange(r)| r.clone()).collect(),
             None => vec![443..=443],
@@ -341,10 +257,7 @@ impl Cx<'_> {
             } else {
                 "storage_accounts is empty: the rule's <storage_account> hosts match nothing"
             };
-            self.warnings.push(Warning {
-                rule: Some(name.get_ref().clone()),
-                message: message.into(),
-            });
+            self.warnings.push(Warning { rule: Some(name.get_ref().clone()), message: message.into() });
         }
         Some(Rule {
             name: name.get_ref().as_str().into(),
@@ -373,23 +286,13 @@ impl Cx<'_> {
         let mut out = vec![text.clone()];
         if text.contains(REGION) {
             if regions.is_empty() {
-                self.error(
-                    entry.span(),
-                    field,
-                    format!("{text:?} uses {REGION} but `regions` is empty"),
-                );
+                self.error(entry.span(), field, format!("{text:?} uses {REGION} but `regions` is empty"));
                 return None;
             }
-            out = regions
-                .iter()
-                .map(|r| text.replace(REGION, &spell(r)))
-                .collect();
+            out = regions.iter().map(|r| text.replace(REGION, &spell(r))).collect();
         }
         if text.contains(STORAGE_ACCOUNT) {
-            out = out
-                .iter()
-                .flat_map(|t| accounts.iter().map(move |a| t.replace(STORAGE_ACCOUNT, a)))
-                .collect();
+            out = out.iter().flat_map(|t| accounts.iter().map(move |a| t.replace(STORAGE_ACCOUNT, a))).collect();
         }
         if out.iter().any(|t| t.contains(['<', '>'])) {
             self.error(
@@ -406,12 +309,7 @@ impl Cx<'_> {
 /// Flags rules that let traffic reach places anyone can write to.
 fn lint(rule: &Rule) -> Vec<Warning> {
     let mut out = Vec::new();
-    let mut warn = |message: String| {
-        out.push(Warning {
-            rule: Some(rule.name.to_string()),
-            message,
-        })
-    };
+    let mut warn = |message: String| out.push(Warning { rule: Some(rule.name.to_string()), message });
     if rule.action == Action::Deny {
         return out;
     }
@@ -425,9 +323,8 @@ fn lint(rule: &Rule) -> Vec<Warning> {
                 .trim_start_matches(|c| c != '.')
                 .trim_start_matches('.'),
         };
-        if let Some((shared, risk)) = SHARED_WRITABLE
-            .iter()
-            .find(|(s, _)| suffix == *s || suffix.ends_with(&format!(".{s}")))
+        if let Some((shared, risk)) =
+            SHARED_WRITABLE.iter().find(|(s, _)| suffix == *s || suffix.ends_with(&format!(".{s}")))
         {
             warn(format!("{p} reaches {shared}: {risk}"));
         } else if psl::suffix_str(suffix) == Some(suffix) {
@@ -437,16 +334,11 @@ fn lint(rule: &Rule) -> Vec<Warning> {
     for (tag, _) in &rule.tags {
         let lower = tag.to_ascii_lowercase();
         if lower == "azurefrontdoor.frontend" {
-            warn(format!(
-                "service tag {tag} is every customer's Front Door endpoint: an exfiltration path"
-            ));
-        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty()
-        {
+            warn(format!("service tag {tag} is every customer's Front Door endpoint: an exfiltration path"));
+        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty() {
             warn(format!("service tag {tag} is every storage account in its region, anyone's included: restrict it with hosts (storage_accounts)"));
         } else if lower == "azurecloud" || lower.starts_with("azurecloud.") {
-            warn(format!(
-                "service tag {tag} is all of Azure, anyone's tenant included"
-            ));
+            warn(format!("service tag {tag} is all of Azure, anyone's tenant included"));
         }
     }
     out
@@ -460,27 +352,15 @@ const STORAGE_ACCOUNT: &str = "<storage_account>";
 
 /// Suffixes under which anyone can create a name that serves their own content.
 const SHARED_WRITABLE: &[(&str, &str)] = &[
-    (
-        "core.windows.net",
-        "any Azure customer's storage account can be written to",
-    ),
+    ("core.windows.net", "any Azure customer's storage account can be written to"),
     ("azurefd.net", "any Azure customer's Front Door endpoint"),
     ("azureedge.net", "any Azure customer's CDN endpoint"),
     ("azurewebsites.net", "any Azure customer's web app"),
     ("cloudapp.azure.com", "any Azure customer's virtual machine"),
-    (
-        "trafficmanager.net",
-        "any Azure customer's Traffic Manager profile",
-    ),
-    (
-        "servicebus.windows.net",
-        "any Azure customer's Service Bus or Event Hubs namespace",
-    ),
+    ("trafficmanager.net", "any Azure customer's Traffic Manager profile"),
+    ("servicebus.windows.net", "any Azure customer's Service Bus or Event Hubs namespace"),
     ("amazonaws.com", "any AWS customer's bucket or endpoint"),
     ("cloudfront.net", "any AWS customer's CDN distribution"),
-    (
-        "googleapis.com",
-        "any Google Cloud customer's bucket or endpoint",
-    ),
+    ("googleapis.com", "any Google Cloud customer's bucket or endpoint"),
     ("githubusercontent.com", "any GitHub user's content"),
 ];

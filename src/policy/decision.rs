@@ -113,10 +113,7 @@ mod tests {
         let names: HashSet<_> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), DenyReason::ALL.len());
         for n in names {
-            assert!(
-                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{n}"
-            );
+            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{n}");
         }
         let mut sorted = DenyReason::ALL;
         sorted.sort();

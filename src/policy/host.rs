@@ -160,10 +160,7 @@ impl Destination {
         }
         let (host, port) = split_host_port(input)?;
         let port = port.ok_or(HostError::InvalidPort)?;
-        Ok(Self {
-            host: Host::parse(host)?,
-            port: parse_port(port)?,
-        })
+        Ok(Self { host: Host::parse(host)?, port: parse_port(port)? })
     }
 
     /// Parses what an operator types: `host`, `host:port`, `ip`, `[v6]:port`, a bare IPv6 address,
@@ -184,20 +181,14 @@ impl Destination {
             return Err(HostError::Userinfo);
         }
         if rest.matches(':').count() > 1 && !rest.starts_with('[') {
-            return Ok(Self {
-                host: parse_ipv6(rest)?,
-                port: scheme_port.unwrap_or(default_port),
-            });
+            return Ok(Self { host: parse_ipv6(rest)?, port: scheme_port.unwrap_or(default_port) });
         }
         let (host, port) = split_host_port(rest)?;
         let port = match port {
             Some(p) => parse_port(p)?,
             None => scheme_port.unwrap_or(default_port),
         };
-        Ok(Self {
-            host: Host::parse(host)?,
-            port,
-        })
+        Ok(Self { host: Host::parse(host)?, port })
     }
 }
 
@@ -224,9 +215,7 @@ fn parse_ipv6(input: &str) -> Result<Host, HostError> {
     if input.contains('%') {
         return Err(HostError::ZoneId);
     }
-    Ipv6Addr::from_str(input)
-        .map(|v6| Host::from_ip(IpAddr::V6(v6)))
-        .map_err(|_| HostError::InvalidIpv6)
+    Ipv6Addr::from_str(input).map(|v6| Host::from_ip(IpAddr::V6(v6))).map_err(|_| HostError::InvalidIpv6)
 }
 
 /// Splits `host[:port]`, with IPv6 hosts in brackets. The returned host keeps its brackets.
@@ -236,10 +225,7 @@ fn split_host_port(input: &str) -> Result<(&str, Option<&str>), HostError> {
         let (host, rest) = input.split_at(close + 1);
         return match rest {
             "" => Ok((host, None)),
-            _ => rest
-                .strip_prefix(':')
-                .map(|p| (host, Some(p)))
-                .ok_or(HostError::InvalidPort),
+            _ => rest.strip_prefix(':').map(|p| (host, Some(p))).ok_or(HostError::InvalidPort),
         };
     }
     Ok(match input.rsplit_once(':') {
@@ -266,10 +252,7 @@ fn check_label(label: &str) -> Result<(), HostError> {
     if label.len() > MAX_LABEL_LEN {
         return Err(HostError::LabelTooLong);
     }
-    if !label
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(HostError::InvalidCharacter);
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -348,14 +331,8 @@ mod tests {
     fn parses_ip_literals_strictly() {
         let v4 = |s: &str| Host::parse(s);
         assert_eq!(v4("10.0.0.5"), Ok(Host::Ip("10.0.0.5".parse().unwrap())));
-        assert_eq!(
-            v4("[::ffff:10.0.0.5]"),
-            Ok(Host::Ip("10.0.0.5".parse().unwrap()))
-        );
-        assert_eq!(
-            v4("[2001:db8::1]"),
-            Ok(Host::Ip("2001:db8::1".parse().unwrap()))
-        );
+        assert_eq!(v4("[::ffff:10.0.0.5]"), Ok(Host::Ip("10.0.0.5".parse().unwrap())));
+        assert_eq!(v4("[2001:db8::1]"), Ok(Host::Ip("2001:db8::1".parse().unwrap())));
         assert_eq!(v4("[fe80::1%eth0]"), Err(HostError::ZoneId));
         assert_eq!(v4("[2001:db8::1"), Err(HostError::InvalidIpv6));
         assert_eq!(v4("010.0.0.5"), Err(HostError::AmbiguousNumeric));
@@ -366,43 +343,17 @@ mod tests {
     fn parses_authorities_and_loose_destinations() {
         let d = Destination::parse_authority("ML.azure.com:443").unwrap();
         assert_eq!(d.to_string(), "ml.azure.com:443");
-        assert_eq!(
-            Destination::parse_authority("ml.azure.com"),
-            Err(HostError::InvalidPort)
-        );
-        assert_eq!(
-            Destination::parse_authority("ml.azure.com:0"),
-            Err(HostError::InvalidPort)
-        );
-        assert_eq!(
-            Destination::parse_authority("ml.azure.com:+443"),
-            Err(HostError::InvalidPort)
-        );
-        assert_eq!(
-            Destination::parse_authority("ml.azure.com:65536"),
-            Err(HostError::InvalidPort)
-        );
-        assert_eq!(
-            Destination::parse_authority("u:p@ml.azure.com:443"),
-            Err(HostError::Userinfo)
-        );
-        assert_eq!(
-            Destination::parse_authority("[::1]:8080")
-                .unwrap()
-                .to_string(),
-            "[::1]:8080"
-        );
+        assert_eq!(Destination::parse_authority("ml.azure.com"), Err(HostError::InvalidPort));
+        assert_eq!(Destination::parse_authority("ml.azure.com:0"), Err(HostError::InvalidPort));
+        assert_eq!(Destination::parse_authority("ml.azure.com:+443"), Err(HostError::InvalidPort));
+        assert_eq!(Destination::parse_authority("ml.azure.com:65536"), Err(HostError::InvalidPort));
+        assert_eq!(Destination::parse_authority("u:p@ml.azure.com:443"), Err(HostError::Userinfo));
+        assert_eq!(Destination::parse_authority("[::1]:8080").unwrap().to_string(), "[::1]:8080");
 
         let loose = |s: &str| Destination::parse_loose(s, 443).map(|d| d.to_string());
         assert_eq!(loose("ml.azure.com"), Ok("ml.azure.com:443".into()));
-        assert_eq!(
-            loose("http://ml.azure.com/x?y"),
-            Ok("ml.azure.com:80".into())
-        );
-        assert_eq!(
-            loose("https://ml.azure.com:8443/"),
-            Ok("ml.azure.com:8443".into())
-        );
+        assert_eq!(loose("http://ml.azure.com/x?y"), Ok("ml.azure.com:80".into()));
+        assert_eq!(loose("https://ml.azure.com:8443/"), Ok("ml.azure.com:8443".into()));
         assert_eq!(loose("2001:db8::1"), Ok("[2001:db8::1]:443".into()));
         assert_eq!(loose("ftp://x.com"), Err(HostError::UnsupportedScheme));
     }

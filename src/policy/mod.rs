@@ -81,18 +81,8 @@ impl<'a> Query<'a> {
     /// A query for a destination as the client named it.
     pub fn new(host: &'a Host, port: u16) -> Self {
         match host {
-            Host::Name(n) => Self {
-                name: Some(n),
-                addr: None,
-                port,
-                source: None,
-            },
-            Host::Ip(ip) => Self {
-                name: None,
-                addr: Some(*ip),
-                port,
-                source: None,
-            },
+            Host::Name(n) => Self { name: Some(n), addr: None, port, source: None },
+            Host::Ip(ip) => Self { name: None, addr: Some(*ip), port, source: None },
         }
     }
 
@@ -124,8 +114,7 @@ impl Policy {
         let in_range = q.addr.map_or(&[][..], |ip| self.nets.lookup(ip));
         let mut best = Best::default();
         if let Some(name) = q.name {
-            self.names
-                .for_each_match(name, |r| self.consider(r, true, q, in_range, &mut best));
+            self.names.for_each_match(name, |r| self.consider(r, true, q, in_range, &mut best));
         }
         for &r in in_range {
             self.consider(r, false, q, in_range, &mut best);
@@ -135,20 +124,14 @@ impl Policy {
 
     /// Checks an address the proxy is about to dial for a name a host rule already allowed: the
     /// built-in protections, deny rules, and the address ranges of combined rules.
-    pub fn check_addr(
-        &self,
-        name: &HostName,
-        addr: IpAddr,
-        port: u16,
-        source: Option<IpAddr>,
-    ) -> Decision {
-        let q = Query {
-            name: Some(name),
-            addr: Some(fold_mapped(addr)),
-            port,
-            source: source.map(fold_mapped),
-        };
+    pub fn check_addr(&self, name: &HostName, addr: IpAddr, port: u16, source: Option<IpAddr>) -> Decision {
+        let q = Query { name: Some(name), addr: Some(fold_mapped(addr)), port, source: source.map(fold_mapped) };
         self.decide(&q)
+    }
+
+    /// A policy with no rules: refuses everything.
+    pub fn empty() -> Self {
+        Self { rules: Vec::new(), names: NameIndex::default(), nets: RangeIndex::default(), safety: Safety::default() }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -168,10 +151,7 @@ impl Policy {
     pub fn explain(&self, d: &Decision) -> String {
         match d {
             Decision::Allow { rule } => format!("rule={}", self.rule_name(*rule)),
-            Decision::Deny {
-                reason,
-                rule: Some(rule),
-            } => format!("reason={reason} rule={}", self.rule_name(*rule)),
+            Decision::Deny { reason, rule: Some(rule) } => format!("reason={reason} rule={}", self.rule_name(*rule)),
             Decision::Deny { reason, rule: None } => format!("reason={reason}"),
         }
     }
@@ -182,14 +162,7 @@ impl Policy {
     }
 
     /// Looks at one rule that matched the name (`by_name`) or the address, and records the outcome.
-    fn consider(
-        &self,
-        id: RuleId,
-        by_name: bool,
-        q: &Query<'_>,
-        in_range: &[RuleId],
-        best: &mut Best,
-    ) {
+    fn consider(&self, id: RuleId, by_name: bool, q: &Query<'_>, in_range: &[RuleId], best: &mut Best) {
         let Some(rule) = self.rule(id) else { return };
         if rule.protocol != Protocol::Tcp {
             return;
@@ -220,11 +193,7 @@ impl Policy {
             }
             return;
         }
-        if !rule.sources.is_empty()
-            && !q
-                .source
-                .is_some_and(|s| rule.sources.iter().any(|n| n.contains(&s)))
-        {
+        if !rule.sources.is_empty() && !q.source.is_some_and(|s| rule.sources.iter().any(|n| n.contains(&s))) {
             if rule.action == Action::Allow {
                 best.near_miss(DenyReason::SourceNotAllowed, id);
             }
@@ -260,19 +229,13 @@ impl Best {
 
     fn decision(&self) -> Decision {
         if let Some(rule) = self.deny {
-            return Decision::Deny {
-                reason: DenyReason::DeniedByRule,
-                rule: Some(rule),
-            };
+            return Decision::Deny { reason: DenyReason::DeniedByRule, rule: Some(rule) };
         }
         if let Some(rule) = self.by_name.or(self.by_addr) {
             return Decision::Allow { rule };
         }
         match self.near_miss {
-            Some((rule, reason)) => Decision::Deny {
-                reason,
-                rule: Some(rule),
-            },
+            Some((rule, reason)) => Decision::Deny { reason, rule: Some(rule) },
             None => Decision::deny(DenyReason::NoRule),
         }
     }

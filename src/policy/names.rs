@@ -54,10 +54,7 @@ impl Pattern {
         if input == "*" || input == "*." || input == "**" {
             return Err(PatternError::MatchAll);
         }
-        let normalised = input
-            .strip_suffix('.')
-            .unwrap_or(input)
-            .to_ascii_lowercase();
+        let normalised = input.strip_suffix('.').unwrap_or(input).to_ascii_lowercase();
         if normalised != input {
             return Err(PatternError::NotNormalised(normalised));
         }
@@ -108,26 +105,16 @@ impl fmt::Display for Pattern {
 // === impl NameIndex ===
 
 impl NameIndex {
-    pub fn build(
-        patterns: impl IntoIterator<Item = (Pattern, RuleId)>,
-    ) -> Result<Self, globset::Error> {
+    pub fn build(patterns: impl IntoIterator<Item = (Pattern, RuleId)>) -> Result<Self, globset::Error> {
         let mut index = Self::default();
         let mut globs = GlobSetBuilder::new();
         for (pattern, rule) in patterns {
             match pattern {
-                Pattern::Exact(n) => {
-                    push_unique(index.exact.entry(n.as_str().into()).or_default(), rule)
-                }
-                Pattern::Suffix(n) => {
-                    push_unique(index.suffix.entry(n.as_str().into()).or_default(), rule)
-                }
+                Pattern::Exact(n) => push_unique(index.exact.entry(n.as_str().into()).or_default(), rule),
+                Pattern::Suffix(n) => push_unique(index.suffix.entry(n.as_str().into()).or_default(), rule),
                 Pattern::Glob(g) => {
                     // globset's separator is `/`: spell dots as slashes so `*` never crosses a label.
-                    globs.add(
-                        GlobBuilder::new(&g.replace('.', "/"))
-                            .literal_separator(true)
-                            .build()?,
-                    );
+                    globs.add(GlobBuilder::new(&g.replace('.', "/")).literal_separator(true).build()?);
                     index.glob_rules.push(rule);
                 }
             }
@@ -191,9 +178,7 @@ mod tests {
     use super::*;
 
     fn matches(pattern: &str, name: &str) -> bool {
-        Pattern::parse(pattern)
-            .unwrap()
-            .matches(&HostName::parse(name).unwrap())
+        Pattern::parse(pattern).unwrap().matches(&HostName::parse(name).unwrap())
     }
 
     #[test]
@@ -217,10 +202,7 @@ mod tests {
     #[test]
     fn glob_star_never_crosses_a_dot() {
         let p = "automlresources-prod-*.azurefd.net";
-        assert!(matches(
-            p,
-            "automlresources-prod-d0eaehh7g8andvav.azurefd.net"
-        ));
+        assert!(matches(p, "automlresources-prod-d0eaehh7g8andvav.azurefd.net"));
         assert!(!matches(p, "automlresources-prod-x.b02.azurefd.net"));
         assert!(!matches(p, "automlresources-prod-x.azurefd.net.evil.com"));
         assert!(matches("a?c.example.com", "abc.example.com"));
@@ -241,22 +223,10 @@ mod tests {
         assert_eq!(Pattern::parse("*"), Err(PatternError::MatchAll));
         assert_eq!(Pattern::parse("*.com"), Err(PatternError::WildcardTld));
         assert_eq!(Pattern::parse("example.*"), Err(PatternError::WildcardTld));
-        assert_eq!(
-            Pattern::parse("ML.azure.com"),
-            Err(PatternError::NotNormalised("ml.azure.com".into()))
-        );
-        assert_eq!(
-            Pattern::parse("ml.azure.com."),
-            Err(PatternError::NotNormalised("ml.azure.com".into()))
-        );
-        assert_eq!(
-            Pattern::parse("{a,b}*.example.com"),
-            Err(PatternError::UnsupportedGlob)
-        );
-        assert_eq!(
-            Pattern::parse("a..b"),
-            Err(PatternError::Host(HostError::EmptyLabel))
-        );
+        assert_eq!(Pattern::parse("ML.azure.com"), Err(PatternError::NotNormalised("ml.azure.com".into())));
+        assert_eq!(Pattern::parse("ml.azure.com."), Err(PatternError::NotNormalised("ml.azure.com".into())));
+        assert_eq!(Pattern::parse("{a,b}*.example.com"), Err(PatternError::UnsupportedGlob));
+        assert_eq!(Pattern::parse("a..b"), Err(PatternError::Host(HostError::EmptyLabel)));
         assert!(matches!(Pattern::parse("*.co.uk"), Ok(Pattern::Suffix(_))));
     }
 }

@@ -32,11 +32,7 @@ struct Segments<T> {
 
 impl<T> Default for Segments<T> {
     fn default() -> Self {
-        Self {
-            starts: Vec::new(),
-            ends: Vec::new(),
-            buckets: Vec::new(),
-        }
+        Self { starts: Vec::new(), ends: Vec::new(), buckets: Vec::new() }
     }
 }
 
@@ -54,11 +50,7 @@ impl RangeIndex {
         let mut interner = Interner::default();
         let v4 = sweep(v4, &mut interner);
         let v6 = sweep(v6, &mut interner);
-        Self {
-            v4,
-            v6,
-            sets: interner.sets,
-        }
+        Self { v4, v6, sets: interner.sets }
     }
 
     /// The rules whose ranges contain `ip`, ascending. Does not allocate.
@@ -91,9 +83,7 @@ impl<T: Addr> Segments<T> {
     }
 
     fn index_buckets(&mut self) {
-        let count = |p: usize| {
-            u32::try_from(self.starts.partition_point(|s| s.bucket() < p)).unwrap_or(u32::MAX)
-        };
+        let count = |p: usize| u32::try_from(self.starts.partition_point(|s| s.bucket() < p)).unwrap_or(u32::MAX);
         self.buckets = (0..=BUCKETS).map(count).collect();
     }
 }
@@ -209,12 +199,7 @@ mod tests {
 
     #[test]
     fn finds_every_rule_containing_an_address_at_the_boundaries() {
-        let i = idx(&[
-            ("20.0.0.0/16", 0),
-            ("20.0.1.0/24", 1),
-            ("20.0.2.0/24", 0),
-            ("2603:1000::/24", 2),
-        ]);
+        let i = idx(&[("20.0.0.0/16", 0), ("20.0.1.0/24", 1), ("20.0.2.0/24", 0), ("2603:1000::/24", 2)]);
         assert_eq!(rules(&i, "19.255.255.255"), Vec::<u32>::new());
         assert_eq!(rules(&i, "20.0.0.0"), vec![0]);
         assert_eq!(rules(&i, "20.0.1.0"), vec![0, 1]);
@@ -232,10 +217,7 @@ mod tests {
         assert_eq!(rules(&i, "0.0.0.0"), vec![3]);
         assert_eq!(rules(&i, "255.255.255.254"), vec![3]);
         assert_eq!(rules(&i, "255.255.255.255"), vec![3, 4]);
-        assert_eq!(
-            rules(&i, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
-            vec![5]
-        );
+        assert_eq!(rules(&i, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), vec![5]);
     }
 
     #[test]

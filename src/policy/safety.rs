@@ -61,9 +61,7 @@ fn judge(ip: IpAddr) -> Option<(IpAddr, &'static Protection)> {
             if let Some(inner) = embedded_v6(v6).and_then(|v4| judge(IpAddr::V4(v4))) {
                 return Some(inner);
             }
-            V6.iter()
-                .find(|(net, _)| net.contains(&v6))
-                .map(|(_, p)| (IpAddr::V6(v6), p))
+            V6.iter().find(|(net, _)| net.contains(&v6)).map(|(_, p)| (IpAddr::V6(v6), p))
         }
     }
 }
@@ -98,17 +96,11 @@ const fn net_mask(len: u8) -> u32 {
 }
 
 const fn p(name: &'static str) -> Protection {
-    Protection {
-        name,
-        exact_only: false,
-    }
+    Protection { name, exact_only: false }
 }
 
 const fn metadata(name: &'static str) -> Protection {
-    Protection {
-        name,
-        exact_only: true,
-    }
+    Protection { name, exact_only: true }
 }
 
 static V4: [(Ipv4Net, Protection); 12] = [
@@ -129,10 +121,7 @@ static V4: [(Ipv4Net, Protection); 12] = [
 ];
 
 static V6: [(Ipv6Net, Protection); 6] = [
-    (
-        v6net([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128),
-        metadata("cloud_metadata"),
-    ),
+    (v6net([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128), metadata("cloud_metadata")),
     (v6net([0, 0, 0, 0, 0, 0, 0, 0], 128), p("unspecified")),
     (v6net([0, 0, 0, 0, 0, 0, 0, 1], 128), p("loopback")),
     (v6net([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), p("unique_local")),
@@ -148,10 +137,7 @@ const fn v4net(o: [u8; 4], len: u8) -> Ipv4Net {
 }
 
 const fn v6net(s: [u16; 8], len: u8) -> Ipv6Net {
-    match Ipv6Net::new(
-        Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]),
-        len,
-    ) {
+    match Ipv6Net::new(Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]), len) {
         Ok(n) => n,
         Err(_) => panic!("prefix length is at most 128"),
     }
@@ -217,17 +203,11 @@ mod tests {
 
     #[test]
     fn allow_internal_opens_only_what_it_names() {
-        let s = Safety::new(vec![
-            "127.0.0.0/8".parse().unwrap(),
-            "169.254.0.0/16".parse().unwrap(),
-        ]);
+        let s = Safety::new(vec!["127.0.0.0/8".parse().unwrap(), "169.254.0.0/16".parse().unwrap()]);
         assert!(s.permits(ip("127.0.0.1")));
         assert!(s.permits(ip("::ffff:127.0.0.1")));
         assert!(s.permits(ip("169.254.1.1")));
-        assert!(
-            !s.permits(ip("169.254.169.254")),
-            "metadata needs its own /32"
-        );
+        assert!(!s.permits(ip("169.254.169.254")), "metadata needs its own /32");
         assert!(!s.permits(ip("10.0.0.5")));
         assert!(!s.permits(ip("::1")));
         let exact = Safety::new(vec!["169.254.169.254/32".parse().unwrap()]);

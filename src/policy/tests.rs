@@ -8,8 +8,7 @@ use super::*;
 use crate::config::{Config, Origin};
 use crate::service_tags::TagTable;
 
-const SUBSET: &str =
-    include_str!("../../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+const SUBSET: &str = include_str!("../../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
 
 fn tags() -> TagTable {
     TagTable::parse(SUBSET).unwrap()
@@ -30,10 +29,7 @@ fn preset() -> Compiled {
 fn outcome(p: &Policy, d: Decision) -> String {
     match d {
         Decision::Allow { rule } => format!("allow:{}", p.rule_name(rule)),
-        Decision::Deny {
-            reason,
-            rule: Some(r),
-        } => format!("deny:{reason}:{}", p.rule_name(r)),
+        Decision::Deny { reason, rule: Some(r) } => format!("deny:{reason}:{}", p.rule_name(r)),
         Decision::Deny { reason, rule: None } => format!("deny:{reason}"),
     }
 }
@@ -47,10 +43,7 @@ fn ask(p: &Policy, dest: &str) -> String {
 
 fn ask_at(p: &Policy, dest: &str, addr: &str) -> String {
     let d = Destination::parse_loose(dest, 443).unwrap();
-    outcome(
-        p,
-        p.decide(&Query::new(&d.host, d.port).at(addr.parse().unwrap())),
-    )
+    outcome(p, p.decide(&Query::new(&d.host, d.port).at(addr.parse().unwrap())))
 }
 
 #[test]
@@ -60,10 +53,7 @@ fn the_preset_allows_exactly_the_azure_ml_destinations() {
     let cases = [
         ("ml.azure.com", "allow:azureml"),
         ("ML.Azure.com.", "allow:azureml"),
-        (
-            "automlresources-prod-d0eaehh7g8andvav.b02.azurefd.net",
-            "allow:azureml",
-        ),
+        ("automlresources-prod-d0eaehh7g8andvav.b02.azurefd.net", "allow:azureml"),
         ("abc.westus2.batch.azure.com", "allow:azure-batch"),
         ("a.b.westus2.service.batch.azure.com", "allow:azure-batch"),
         ("westus2.batch.azure.com", "deny:no_rule"),
@@ -102,52 +92,28 @@ fn the_preset_allows_service_tag_addresses_and_not_front_door_frontend() {
     let first = |tag: &str| t.get(tag).unwrap().1[0].network();
     let p = &c.policy;
     let ip = |tag: &str| format!("{}", Host::from_ip(first(tag)));
-    assert_eq!(
-        ask(p, &ip("BatchNodeManagement.WestUS2")),
-        "allow:batch-node-management"
-    );
+    assert_eq!(ask(p, &ip("BatchNodeManagement.WestUS2")), "allow:batch-node-management");
     assert_eq!(ask(p, &ip("AzureMachineLearning")), "allow:azureml-service");
-    assert_eq!(
-        ask(p, &ip("MicrosoftContainerRegistry.WestUS2")),
-        "allow:mcr-service"
-    );
-    assert_eq!(
-        ask(p, &ip("AzureFrontDoor.FirstParty")),
-        "allow:azure-front-door-first-party"
-    );
+    assert_eq!(ask(p, &ip("MicrosoftContainerRegistry.WestUS2")), "allow:mcr-service");
+    assert_eq!(ask(p, &ip("AzureFrontDoor.FirstParty")), "allow:azure-front-door-first-party");
     assert_eq!(ask(p, &ip("Storage.WestUS2")), "allow:storage");
     assert_eq!(ask(p, &ip("BatchNodeManagement.EastUS")), "deny:no_rule");
     // AzureFrontDoor.Frontend is an exfiltration path: none of its addresses is allowed.
     let frontend = t.get("AzureFrontDoor.Frontend").unwrap().1;
     for net in frontend {
-        let d = p.decide(&Query {
-            name: None,
-            addr: Some(net.network()),
-            port: 443,
-            source: None,
-        });
-        assert!(
-            !d.is_allow(),
-            "{net} is AzureFrontDoor.Frontend and must not be allowed: {d:?}"
-        );
+        let d = p.decide(&Query { name: None, addr: Some(net.network()), port: 443, source: None });
+        assert!(!d.is_allow(), "{net} is AzureFrontDoor.Frontend and must not be allowed: {d:?}");
     }
-    assert!(!c
-        .policy
-        .rules()
-        .iter()
-        .any(|r| r.tags.iter().any(|(t, _)| t == "AzureFrontDoor.Frontend")));
+    assert!(!c.policy.rules().iter().any(|r| r.tags.iter().any(|(t, _)| t == "AzureFrontDoor.Frontend")));
     assert!(c
         .warnings
         .iter()
-        .any(|w| w.rule.as_deref() == Some("storage")
-            && w.message.contains("storage_accounts is empty")));
+        .any(|w| w.rule.as_deref() == Some("storage") && w.message.contains("storage_accounts is empty")));
 }
 
 #[test]
 fn udp_rules_never_allow_tcp() {
-    let p = policy(
-        "[[rule]]\nname='u'\naction='allow'\nprotocol='udp'\ncidrs=['20.0.0.0/8']\nports=[5831]\n",
-    );
+    let p = policy("[[rule]]\nname='u'\naction='allow'\nprotocol='udp'\ncidrs=['20.0.0.0/8']\nports=[5831]\n");
     assert_eq!(ask(&p, "20.1.2.3:5831"), "deny:no_rule");
 }
 
@@ -160,10 +126,7 @@ fn deny_rules_win_over_allow_rules() {
     );
     assert_eq!(ask(&p, "ml.azure.com"), "allow:all-azure");
     assert_eq!(ask(&p, "portal.azure.com"), "deny:denied_by_rule:no-portal");
-    assert_eq!(
-        ask_at(&p, "ml.azure.com", "20.1.2.3"),
-        "deny:denied_by_rule:no-range"
-    );
+    assert_eq!(ask_at(&p, "ml.azure.com", "20.1.2.3"), "deny:denied_by_rule:no-range");
     assert_eq!(ask_at(&p, "ml.azure.com", "20.2.2.3"), "allow:all-azure");
 }
 
@@ -176,28 +139,11 @@ fn combined_rules_need_both_the_name_and_the_address() {
     let t = tags();
     let inside = t.get("Storage.WestUS2").unwrap().1[0].network().to_string();
     let outside = t.get("Storage.EastUS").unwrap().1[0].network().to_string();
-    assert_eq!(
-        ask(&p, "mystore.blob.core.windows.net"),
-        "allow:storage",
-        "provisional before resolution"
-    );
-    assert_eq!(
-        ask_at(&p, "mystore.blob.core.windows.net", &inside),
-        "allow:storage"
-    );
-    assert_eq!(
-        ask_at(&p, "mystore.blob.core.windows.net", &outside),
-        "deny:address_not_allowed:storage"
-    );
-    assert_eq!(
-        ask_at(&p, "attacker.blob.core.windows.net", &inside),
-        "deny:no_rule"
-    );
-    assert_eq!(
-        ask(&p, &inside),
-        "deny:no_rule",
-        "an address alone does not match a combined rule"
-    );
+    assert_eq!(ask(&p, "mystore.blob.core.windows.net"), "allow:storage", "provisional before resolution");
+    assert_eq!(ask_at(&p, "mystore.blob.core.windows.net", &inside), "allow:storage");
+    assert_eq!(ask_at(&p, "mystore.blob.core.windows.net", &outside), "deny:address_not_allowed:storage");
+    assert_eq!(ask_at(&p, "attacker.blob.core.windows.net", &inside), "deny:no_rule");
+    assert_eq!(ask(&p, &inside), "deny:no_rule", "an address alone does not match a combined rule");
 }
 
 #[test]
@@ -214,46 +160,26 @@ fn ranges_only_rules_never_match_a_name_before_it_resolves() {
 fn sources_ports_and_ranges_of_ports() {
     let p = policy("[[rule]]\nname='a'\naction='allow'\nhosts=['x.example.com']\nports=[443, '8000-8100']\nsources=['192.168.1.0/24']\n");
     let h = Host::parse("x.example.com").unwrap();
-    let d = |port, src: &str| {
-        outcome(
-            &p,
-            p.decide(&Query::new(&h, port).from(src.parse().unwrap())),
-        )
-    };
+    let d = |port, src: &str| outcome(&p, p.decide(&Query::new(&h, port).from(src.parse().unwrap())));
     assert_eq!(d(443, "192.168.1.7"), "allow:a");
     assert_eq!(d(8050, "192.168.1.7"), "allow:a");
     assert_eq!(d(8101, "192.168.1.7"), "deny:port_not_allowed:a");
     assert_eq!(d(443, "192.168.2.7"), "deny:source_not_allowed:a");
-    assert_eq!(
-        outcome(&p, p.decide(&Query::new(&h, 443))),
-        "deny:source_not_allowed:a"
-    );
+    assert_eq!(outcome(&p, p.decide(&Query::new(&h, 443))), "deny:source_not_allowed:a");
 }
 
 #[test]
 fn internal_addresses_are_refused_even_when_a_rule_allows_the_name() {
-    let p = policy(
-        "[[rule]]\nname='a'\naction='allow'\nhosts=['ml.azure.com']\ncidrs=['10.0.0.0/8']\n",
-    );
-    assert_eq!(
-        ask_at(&p, "ml.azure.com", "10.0.0.5"),
-        "deny:internal_address"
-    );
-    assert_eq!(
-        ask_at(&p, "ml.azure.com", "127.0.0.1"),
-        "deny:internal_address"
-    );
-    assert_eq!(
-        ask_at(&p, "ml.azure.com", "64:ff9b::a9fe:a9fe"),
-        "deny:internal_address"
-    );
+    let p = policy("[[rule]]\nname='a'\naction='allow'\nhosts=['ml.azure.com']\ncidrs=['10.0.0.0/8']\n");
+    assert_eq!(ask_at(&p, "ml.azure.com", "10.0.0.5"), "deny:internal_address");
+    assert_eq!(ask_at(&p, "ml.azure.com", "127.0.0.1"), "deny:internal_address");
+    assert_eq!(ask_at(&p, "ml.azure.com", "64:ff9b::a9fe:a9fe"), "deny:internal_address");
     assert_eq!(ask(&p, "10.0.0.5"), "deny:internal_address");
-    let open = policy("[safety]\nallow_internal=['127.0.0.0/8']\n[[rule]]\nname='a'\naction='allow'\nhosts=['ml.azure.com']\n");
-    assert_eq!(ask_at(&open, "ml.azure.com", "127.0.0.1"), "allow:a");
-    assert_eq!(
-        ask_at(&open, "ml.azure.com", "10.0.0.5"),
-        "deny:internal_address"
+    let open = policy(
+        "[safety]\nallow_internal=['127.0.0.0/8']\n[[rule]]\nname='a'\naction='allow'\nhosts=['ml.azure.com']\n",
     );
+    assert_eq!(ask_at(&open, "ml.azure.com", "127.0.0.1"), "allow:a");
+    assert_eq!(ask_at(&open, "ml.azure.com", "10.0.0.5"), "deny:internal_address");
 }
 
 #[test]
@@ -264,30 +190,15 @@ fn region_expansion_accepts_both_spellings() {
              [[rule]]\nname='t'\naction='allow'\nservice_tags=['BatchNodeManagement.<region>']\n"
         ));
         assert_eq!(ask(&p, "x.westus2.batch.azure.com"), "allow:b", "{region}");
-        assert_eq!(
-            ask(&p, "x.francecentral.batch.azure.com"),
-            "allow:b",
-            "{region}"
-        );
-        let fc = tags().get("BatchNodeManagement.FranceCentral").unwrap().1[0]
-            .network()
-            .to_string();
-        assert_eq!(
-            ask(&p, &fc),
-            "allow:t",
-            "FranceCentral is found by its name, not its region field"
-        );
+        assert_eq!(ask(&p, "x.francecentral.batch.azure.com"), "allow:b", "{region}");
+        let fc = tags().get("BatchNodeManagement.FranceCentral").unwrap().1[0].network().to_string();
+        assert_eq!(ask(&p, &fc), "allow:t", "FranceCentral is found by its name, not its region field");
     }
 }
 
 fn compile_err(text: &str) -> Vec<String> {
     let config = Config::from_str(text, Origin::File("t.toml".into())).unwrap();
-    compile(&config, &tags())
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| format!("{}:{}: {}", e.line, e.field, e.msg))
-        .collect()
+    compile(&config, &tags()).unwrap_err().0.iter().map(|e| format!("{}:{}: {}", e.line, e.field, e.msg)).collect()
 }
 
 #[test]
@@ -309,7 +220,10 @@ fn compile_errors_name_line_and_field_and_are_all_reported() {
             "11:rule[1] \"a\".hosts[0]: \"x.<regoin>.com\": unknown placeholder (only <region> and <storage_account>)",
         ]
     );
-    assert_eq!(compile_err("[[rule]]\nname='a'\naction='allow'\n"), ["2:rule[0] \"a\".name: the rule names no destination: give hosts, cidrs or service_tags"]);
+    assert_eq!(
+        compile_err("[[rule]]\nname='a'\naction='allow'\n"),
+        ["2:rule[0] \"a\".name: the rule names no destination: give hosts, cidrs or service_tags"]
+    );
     assert_eq!(
         compile_err("[[rule]]\nname='a'\naction='allow'\nhosts=['*.<region>.x.com']\n"),
         ["4:rule[0] \"a\".hosts[0]: \"*.<region>.x.com\" uses <region> but `regions` is empty"]
@@ -331,26 +245,10 @@ fn lints_rules_that_reach_places_anyone_can_write_to() {
         .map(|w| format!("{}: {}", w.rule.unwrap(), w.message))
         .collect();
     assert_eq!(w.len(), 4, "{w:#?}");
-    assert!(
-        w[0].starts_with("blob: *.blob.core.windows.net reaches core.windows.net"),
-        "{}",
-        w[0]
-    );
-    assert!(
-        w[1].starts_with("blob: *.co.uk is a wildcard on the public suffix co.uk"),
-        "{}",
-        w[1]
-    );
-    assert!(
-        w[2].starts_with("fd: service tag AzureFrontDoor.Frontend"),
-        "{}",
-        w[2]
-    );
-    assert!(
-        w[3].starts_with("fd: service tag Storage.WestUS2 is every storage account"),
-        "{}",
-        w[3]
-    );
+    assert!(w[0].starts_with("blob: *.blob.core.windows.net reaches core.windows.net"), "{}", w[0]);
+    assert!(w[1].starts_with("blob: *.co.uk is a wildcard on the public suffix co.uk"), "{}", w[1]);
+    assert!(w[2].starts_with("fd: service tag AzureFrontDoor.Frontend"), "{}", w[2]);
+    assert!(w[3].starts_with("fd: service tag Storage.WestUS2 is every storage account"), "{}", w[3]);
 }
 
 // === property test: the indexed matcher agrees with a naive scan ===
@@ -373,10 +271,7 @@ fn reference(p: &Policy, q: &Query<'_>) -> Decision {
         }
         let name_ok = match (r.patterns.is_empty(), q.name) {
             (true, _) => true,
-            (false, Some(n)) => r
-                .patterns
-                .iter()
-                .any(|pat| reference_match(pat, n.as_str())),
+            (false, Some(n)) => r.patterns.iter().any(|pat| reference_match(pat, n.as_str())),
             (false, None) => false,
         };
         if !name_ok || (r.patterns.is_empty() && q.addr.is_none()) {
@@ -388,9 +283,7 @@ fn reference(p: &Policy, q: &Query<'_>) -> Decision {
             None => r.action == Action::Allow,
         };
         let port_ok = r.ports.iter().any(|x| x.contains(&q.port));
-        let src_ok = r.sources.is_empty()
-            || q.source
-                .is_some_and(|s| r.sources.iter().any(|n| n.contains(&s)));
+        let src_ok = r.sources.is_empty() || q.source.is_some_and(|s| r.sources.iter().any(|n| n.contains(&s)));
         let allow = r.action == Action::Allow;
         let first_miss = |m: &mut Option<(RuleId, DenyReason)>, why| {
             if m.is_none() {
@@ -425,20 +318,12 @@ fn reference(p: &Policy, q: &Query<'_>) -> Decision {
         slot.get_or_insert(id);
     }
     if let Some(rule) = deny {
-        return Decision::Deny {
-            reason: DenyReason::DeniedByRule,
-            rule: Some(rule),
-        };
+        return Decision::Deny { reason: DenyReason::DeniedByRule, rule: Some(rule) };
     }
     if let Some(rule) = by_name.or(by_addr) {
         return Decision::Allow { rule };
     }
-    miss.map_or(Decision::deny(DenyReason::NoRule), |(rule, reason)| {
-        Decision::Deny {
-            reason,
-            rule: Some(rule),
-        }
-    })
+    miss.map_or(Decision::deny(DenyReason::NoRule), |(rule, reason)| Decision::Deny { reason, rule: Some(rule) })
 }
 
 /// Label-by-label matching straight from the documentation.
@@ -450,14 +335,10 @@ fn reference_match(p: &Pattern, name: &str) -> bool {
             .and_then(|front| front.strip_suffix('.'))
             .is_some_and(|front| !front.is_empty() && !front.contains('_')),
         Pattern::Glob(g) => {
-            let (gl, nl): (Vec<&str>, Vec<&str>) =
-                (g.split('.').collect(), name.split('.').collect());
+            let (gl, nl): (Vec<&str>, Vec<&str>) = (g.split('.').collect(), name.split('.').collect());
             !name.contains('_')
                 && gl.len() == nl.len()
-                && gl
-                    .iter()
-                    .zip(&nl)
-                    .all(|(g, n)| glob_label(g.as_bytes(), n.as_bytes()))
+                && gl.iter().zip(&nl).all(|(g, n)| glob_label(g.as_bytes(), n.as_bytes()))
         }
     }
 }
@@ -486,10 +367,7 @@ fn arb_pattern() -> impl Strategy<Value = String> {
     prop_oneof![
         arb_name(),
         arb_labels(2..4).prop_map(|n| format!("*.{n}")),
-        (
-            arb_labels(2..4),
-            prop::sample::select(&["a*", "*b", "?", "*", "x?y"][..])
-        )
+        (arb_labels(2..4), prop::sample::select(&["a*", "*b", "?", "*", "x?y"][..]))
             .prop_map(|(n, g)| format!("{g}.{n}")),
     ]
 }
@@ -506,11 +384,7 @@ fn arb_rule() -> impl Strategy<Value = String> {
         prop::sample::select(&["[]", "['192.168.0.0/16']"][..]),
     )
         .prop_map(|(deny, hosts, cidrs, ports, sources)| {
-            let hosts = if hosts.is_empty() && cidrs.is_empty() {
-                vec!["fallback.com".to_string()]
-            } else {
-                hosts
-            };
+            let hosts = if hosts.is_empty() && cidrs.is_empty() { vec!["fallback.com".to_string()] } else { hosts };
             format!(
                 "action='{}'\nhosts={hosts:?}\ncidrs={cidrs:?}\nports={ports}\nsources={sources}\n",
                 if deny { "deny" } else { "allow" }

@@ -30,9 +30,5 @@ pub async fn dial(permit: &Permit, timeout: Duration) -> Result<(TcpStream, Sock
             }
         }
     }
-    Err(if timed_out {
-        Refusal::UpstreamTimeout
-    } else {
-        Refusal::UpstreamUnreachable
-    })
+    Err(if timed_out { Refusal::UpstreamTimeout } else { Refusal::UpstreamUnreachable })
 }

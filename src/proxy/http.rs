@@ -45,10 +45,7 @@ pub struct ConnCx {
 }
 
 /// Serves one request.
-pub async fn handle(
-    req: Request<Incoming>,
-    cx: Arc<ConnCx>,
-) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
     let policy = cx.state.policy.load_full();
     let id = cx.state.next_id();
     let method = req.method().clone();
@@ -73,16 +70,9 @@ struct Target {
 impl Target {
     fn of(req: &Request<Incoming>) -> Self {
         let uri = req.uri();
-        let raw: String = uri
-            .authority()
-            .map_or_else(|| uri.to_string(), |a| a.to_string())
-            .chars()
-            .take(MAX_AUDIT_HOST)
-            .collect();
-        Self {
-            raw,
-            dest: destination(req),
-        }
+        let raw: String =
+            uri.authority().map_or_else(|| uri.to_string(), |a| a.to_string()).chars().take(MAX_AUDIT_HOST).collect();
+        Self { raw, dest: destination(req) }
     }
 
     fn host(&self) -> String {
@@ -107,42 +97,27 @@ fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
     }
     let authority = if req.method() == Method::CONNECT {
         // hyper only accepts authority form for CONNECT; anything else has no authority here.
-        if uri.scheme().is_some()
-            || uri
-                .path_and_query()
-                .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
-        {
+        if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
             return Err(Refusal::BadRequest("CONNECT takes host:port"));
         }
         if has_body(headers) {
             return Err(Refusal::BadRequest("CONNECT with a body"));
         }
-        uri.authority()
-            .ok_or(Refusal::BadRequest("CONNECT takes host:port"))?
+        uri.authority().ok_or(Refusal::BadRequest("CONNECT takes host:port"))?
     } else {
         match (uri.scheme_str(), uri.authority()) {
             (Some("http"), Some(a)) => a,
             (Some(_), Some(_)) => {
-                return Err(Refusal::BadRequest(
-                    "only http:// URLs are forwarded; use CONNECT for TLS",
-                ))
+                return Err(Refusal::BadRequest("only http:// URLs are forwarded; use CONNECT for TLS"))
             }
-            _ => {
-                return Err(Refusal::BadRequest(
-                    "this is a proxy: send CONNECT or an absolute-form request",
-                ))
-            }
+            _ => return Err(Refusal::BadRequest("this is a proxy: send CONNECT or an absolute-form request")),
         }
     };
     if let Some(host) = hosts.first() {
-        if !host
-            .as_bytes()
-            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes())
             && !host_matches_default_port(host, authority.as_str(), req.method())
         {
-            return Err(Refusal::BadRequest(
-                "Host header conflicts with the request target",
-            ));
+            return Err(Refusal::BadRequest("Host header conflicts with the request target"));
         }
     }
     let parsed = if req.method() == Method::CONNECT || authority.port().is_some() {
@@ -152,10 +127,7 @@ fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
     };
     parsed.map_err(|e| match e {
         HostError::InvalidPort | HostError::Userinfo => Refusal::BadRequest("malformed host:port"),
-        _ => Refusal::Policy {
-            reason: DenyReason::InvalidHost,
-            rule: None,
-        },
+        _ => Refusal::Policy { reason: DenyReason::InvalidHost, rule: None },
     })
 }
 
@@ -169,19 +141,13 @@ fn host_matches_default_port(host: &HeaderValue, authority: &str, method: &Metho
     } else {
         ":80"
     };
-    authority
-        .strip_suffix(default)
-        .is_some_and(|a| a.eq_ignore_ascii_case(host))
-        || host
-            .strip_suffix(default)
-            .is_some_and(|h| h.eq_ignore_ascii_case(authority))
+    authority.strip_suffix(default).is_some_and(|a| a.eq_ignore_ascii_case(host))
+        || host.strip_suffix(default).is_some_and(|h| h.eq_ignore_ascii_case(authority))
 }
 
 fn has_body(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
+        || headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// Decides, resolves, checks and dials the target, then writes the `allow` decision line.
@@ -196,10 +162,10 @@ async fn open(
     let dest = target.dest.clone()?;
     let state = &cx.state;
     let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
+    let dialling = Instant::now();
     let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
-    let rule = permit
-        .rule_for(addr)
-        .map(|r| policy.rule_name(r).to_string());
+    state.metrics.connect_duration.with_label_values(&["http"]).observe(dialling.elapsed().as_secs_f64());
+    let rule = permit.rule_for(addr).map(|r| policy.rule_name(r).to_string());
     let host = dest.host.to_string();
     state.audit.decided(&Decided {
         id,
@@ -215,14 +181,7 @@ async fn open(
     });
     let close = CloseRecord {
         state: Arc::clone(state),
-        closed: OwnedClosed {
-            id,
-            client: cx.client,
-            host,
-            port: dest.port,
-            addr,
-            rule,
-        },
+        closed: OwnedClosed { id, client: cx.client, host, port: dest.port, addr, rule },
         up: Arc::new(AtomicU64::new(0)),
         down: Arc::new(AtomicU64::new(0)),
         started: Instant::now(),
@@ -247,9 +206,7 @@ async fn connect(
             // The client's own socket: splice in the kernel, after the bytes hyper already read.
             Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) if upstream.write_all(&parts.read_buf).await.is_ok() => {
-                    close
-                        .up
-                        .fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
+                    close.up.fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
                     Some(tunnel_tcp(parts.io.into_inner(), upstream, idle, stop).await)
                 }
                 Ok(_) => None,
@@ -281,28 +238,17 @@ async fn forward(
     let (upstream, close) = open(cx, policy, id, method.as_str(), target).await?;
 
     // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    *req.uri_mut() =
-        Uri::try_from(path).map_err(|_| Refusal::BadRequest("malformed request target"))?;
+    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *req.uri_mut() = Uri::try_from(path).map_err(|_| Refusal::BadRequest("malformed request target"))?;
     strip_hop_by_hop(req.headers_mut());
-    let host_value = HeaderValue::from_str(&authority)
-        .map_err(|_| Refusal::BadRequest("malformed authority"))?;
+    let host_value = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
     req.headers_mut().insert(header::HOST, host_value);
     let up = Arc::clone(&close.up);
     let req = req.map(|b| Counted::new(b, up, None).boxed());
 
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
-        .await
-        .map_err(|_| Refusal::UpstreamProtocol)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
     let stop = cx.stop.clone();
     cx.tracker.spawn(async move {
         tokio::select! {
@@ -322,14 +268,7 @@ async fn forward(
 }
 
 /// Writes the audit line for a refusal; called before the client is answered.
-fn record_refusal(
-    cx: &ConnCx,
-    policy: &Policy,
-    id: u64,
-    method: &str,
-    target: &Target,
-    refusal: &Refusal,
-) {
+fn record_refusal(cx: &ConnCx, policy: &Policy, id: u64, method: &str, target: &Target, refusal: &Refusal) {
     let host = target.host();
     cx.state.audit.decided(&Decided {
         id,
@@ -352,10 +291,7 @@ pub fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
     let mut resp = Response::new(full(r.body()));
     *resp.status_mut() = r.status();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(DENY_REASON, HeaderValue::from_static(r.reason()));
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
@@ -396,9 +332,7 @@ pub fn empty() -> ProxyBody {
 }
 
 pub fn full(text: String) -> ProxyBody {
-    Full::new(Bytes::from(text))
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
 }
 
 fn millis(since: Instant) -> u64 {
@@ -454,11 +388,7 @@ struct Counted<B> {
 
 impl<B> Counted<B> {
     fn new(inner: B, count: Arc<AtomicU64>, close: Option<CloseRecord>) -> Self {
-        Self {
-            inner,
-            count,
-            _close: close,
-        }
+        Self { inner, count, _close: close }
     }
 }
 
@@ -466,10 +396,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {

@@ -9,24 +9,33 @@ pub mod refusal;
 mod splice;
 pub mod tunnel;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::audit::Audit;
 use crate::config;
+use crate::load::Loaded;
+use crate::metrics::Metrics;
 use crate::policy::{Decision, Destination, Host, Policy, Query, RuleId};
+use crate::reload::{apply, PolicyInfo};
 use crate::resolve::Resolver;
 pub use refusal::Refusal;
 
 /// Everything a connection needs, shared by all of them.
 pub struct State {
     pub policy: ArcSwap<Policy>,
+    /// What `/policy` shows about the policy in force.
+    pub info: ArcSwap<PolicyInfo>,
     pub resolver: Resolver,
     pub audit: Audit,
+    pub metrics: Metrics,
     pub limits: Limits,
+    /// Every configured listener is bound and accepting.
+    pub ready: AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -49,14 +58,28 @@ pub struct Permit {
 }
 
 impl State {
-    pub fn new(policy: Policy, resolver: Resolver, audit: Audit, limits: Limits) -> Self {
-        Self {
-            policy: ArcSwap::from_pointee(policy),
+    /// Builds the shared state for a loaded configuration and puts its policy in force.
+    pub fn build(loaded: Loaded) -> std::io::Result<Self> {
+        let metrics = Metrics::new();
+        let config = &loaded.config;
+        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.0, &metrics);
+        let audit_path = match config.audit.path.as_deref().unwrap_or("-") {
+            "-" => "-".to_string(),
+            p => config.relative_path(p).display().to_string(),
+        };
+        let audit = Audit::open(&audit_path, metrics.clone())?;
+        let state = Self {
+            policy: ArcSwap::from_pointee(Policy::empty()),
+            info: ArcSwap::from_pointee(PolicyInfo::default()),
             resolver,
             audit,
-            limits,
+            metrics,
+            limits: Limits::from(&config.limits),
+            ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-        }
+        };
+        apply(&state, loaded);
+        Ok(state)
     }
 
     /// A fresh id for one decision, shared by its decision and close lines.
@@ -100,17 +123,10 @@ pub async fn authorize(
         Decision::Deny { reason, rule } => return Err(Refusal::Policy { reason, rule }),
     };
     let name = match &dest.host {
-        Host::Ip(ip) => {
-            return Ok(Permit {
-                addrs: vec![(SocketAddr::new(*ip, dest.port), rule)],
-            })
-        }
+        Host::Ip(ip) => return Ok(Permit { addrs: vec![(SocketAddr::new(*ip, dest.port), rule)] }),
         Host::Name(name) => name,
     };
-    let resolved = resolver
-        .resolve(name)
-        .await
-        .map_err(|_| Refusal::ResolveFailed)?;
+    let resolved = resolver.resolve(name).await.map_err(|_| Refusal::ResolveFailed)?;
     let mut addrs = Vec::with_capacity(resolved.len());
     let mut first_refusal = None;
     for ip in resolved {

@@ -10,10 +10,7 @@ use crate::policy::{DenyReason, RuleId};
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Refusal {
     /// The policy said no.
-    Policy {
-        reason: DenyReason,
-        rule: Option<RuleId>,
-    },
+    Policy { reason: DenyReason, rule: Option<RuleId> },
     /// The request is malformed or not something a forward proxy serves.
     BadRequest(&'static str),
     /// The client did not send a whole request head in time.
@@ -37,9 +34,7 @@ impl Refusal {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
-            Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -61,14 +56,10 @@ impl Refusal {
     /// `deny` when the proxy refused, `fail` when the policy allowed but the upstream failed.
     pub fn verdict(&self) -> Verdict {
         match self {
-            Self::Policy { .. }
-            | Self::BadRequest(_)
-            | Self::HeadTimeout
-            | Self::ConnectionLimit => Verdict::Deny,
-            Self::ResolveFailed
-            | Self::UpstreamUnreachable
-            | Self::UpstreamTimeout
-            | Self::UpstreamProtocol => Verdict::Fail,
+            Self::Policy { .. } | Self::BadRequest(_) | Self::HeadTimeout | Self::ConnectionLimit => Verdict::Deny,
+            Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamProtocol => {
+                Verdict::Fail
+            }
         }
     }
 
@@ -95,14 +86,7 @@ mod tests {
     #[test]
     fn statuses_keep_client_policy_and_upstream_faults_apart() {
         let cases = [
-            (
-                Refusal::Policy {
-                    reason: DenyReason::NoRule,
-                    rule: None,
-                },
-                403,
-                "no_rule",
-            ),
+            (Refusal::Policy { reason: DenyReason::NoRule, rule: None }, 403, "no_rule"),
             (Refusal::BadRequest("x"), 400, "bad_request"),
             (Refusal::ConnectionLimit, 503, "connection_limit"),
             (Refusal::ResolveFailed, 502, "resolve_failed"),

@@ -25,11 +25,7 @@ impl Pipe {
         let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // A bigger pipe means fewer system calls; the default (64 KiB) is fine if refused.
         let capacity = fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
-        Ok(Self {
-            read,
-            write,
-            capacity,
-        })
+        Ok(Self { read, write, capacity })
     }
 }
 
@@ -46,9 +42,7 @@ pub async fn splice_one_way(
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
         src.readable().await?;
-        let read = src.try_io(Interest::READABLE, || {
-            Ok(splice(src, None, &pipe.write, None, pipe.capacity, flags)?)
-        });
+        let read = src.try_io(Interest::READABLE, || Ok(splice(src, None, &pipe.write, None, pipe.capacity, flags)?));
         let n = match read {
             Ok(0) => return SockRef::from(dst).shutdown(std::net::Shutdown::Write),
             Ok(n) => n,
@@ -58,9 +52,7 @@ pub async fn splice_one_way(
         let mut left = n;
         while left > 0 {
             dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                Ok(splice(&pipe.read, None, dst, None, left, flags)?)
-            }) {
+            match dst.try_io(Interest::WRITABLE, || Ok(splice(&pipe.read, None, dst, None, left, flags)?)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(m) => left = left.saturating_sub(m),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

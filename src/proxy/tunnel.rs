@@ -48,12 +48,7 @@ pub struct Meter {
 
 impl Meter {
     fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-        }
+        Self { start: Instant::now(), last: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0) }
     }
 
     pub fn moved(&self, count: &AtomicU64, n: usize) {
@@ -65,8 +60,7 @@ impl Meter {
     /// Resolves once nothing has moved for `idle`.
     async fn idle(&self, idle: Duration) -> End {
         loop {
-            let deadline =
-                self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+            let deadline = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
             if Instant::now() >= deadline {
                 return End::Idle;
             }
@@ -75,22 +69,13 @@ impl Meter {
     }
 
     fn finish(&self, end: End) -> Tunnelled {
-        Tunnelled {
-            up: self.up.load(Ordering::Relaxed),
-            down: self.down.load(Ordering::Relaxed),
-            end,
-        }
+        Tunnelled { up: self.up.load(Ordering::Relaxed), down: self.down.load(Ordering::Relaxed), end }
     }
 }
 
 /// Carries bytes between two TCP sockets until both directions end, one fails, nothing moves
 /// for `idle`, or `stop` is cancelled. Splices in the kernel when it can.
-pub async fn tunnel_tcp(
-    client: TcpStream,
-    upstream: TcpStream,
-    idle: Duration,
-    stop: CancellationToken,
-) -> Tunnelled {
+pub async fn tunnel_tcp(client: TcpStream, upstream: TcpStream, idle: Duration, stop: CancellationToken) -> Tunnelled {
     let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
         (Ok(a), Ok(b)) => (a, b),
         _ => return tunnel(client, upstream, idle, stop).await,
@@ -102,12 +87,7 @@ pub async fn tunnel_tcp(
 }
 
 /// The same as `tunnel_tcp` for any byte streams, copying through a buffer.
-pub async fn tunnel<C, U>(
-    client: C,
-    upstream: U,
-    idle: Duration,
-    stop: CancellationToken,
-) -> Tunnelled
+pub async fn tunnel<C, U>(client: C, upstream: U, idle: Duration, stop: CancellationToken) -> Tunnelled
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -185,14 +165,8 @@ mod tests {
         });
         let mut got = Vec::new();
         upstream_peer.read_to_end(&mut got).await.unwrap();
-        assert!(
-            got == payload,
-            "upstream got every byte in order, then end of stream"
-        );
-        upstream_peer
-            .write_all(b"reply after half-close")
-            .await
-            .unwrap();
+        assert!(got == payload, "upstream got every byte in order, then end of stream");
+        upstream_peer.write_all(b"reply after half-close").await.unwrap();
         upstream_peer.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply after half-close");
         (payload.len() as u64, 22)
@@ -202,21 +176,9 @@ mod tests {
     async fn copies_every_byte_both_ways_with_half_close() {
         let (client, client_peer) = duplex(1024);
         let (upstream, upstream_peer) = duplex(1024);
-        let t = tokio::spawn(tunnel(
-            client,
-            upstream,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
+        let t = tokio::spawn(tunnel(client, upstream, Duration::from_secs(5), CancellationToken::new()));
         let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
-        assert_eq!(
-            t.await.unwrap(),
-            Tunnelled {
-                up,
-                down,
-                end: End::Closed
-            }
-        );
+        assert_eq!(t.await.unwrap(), Tunnelled { up, down, end: End::Closed });
     }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -231,34 +193,16 @@ mod tests {
     async fn splices_every_byte_both_ways_with_half_close() {
         let (client_peer, client) = tcp_pair().await;
         let (upstream, upstream_peer) = tcp_pair().await;
-        let t = tokio::spawn(tunnel_tcp(
-            client,
-            upstream,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
+        let t = tokio::spawn(tunnel_tcp(client, upstream, Duration::from_secs(5), CancellationToken::new()));
         let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
-        assert_eq!(
-            t.await.unwrap(),
-            Tunnelled {
-                up,
-                down,
-                end: End::Closed
-            }
-        );
+        assert_eq!(t.await.unwrap(), Tunnelled { up, down, end: End::Closed });
     }
 
     #[tokio::test(start_paused = true)]
     async fn closes_an_idle_tunnel() {
         let (client, _c) = duplex(64);
         let (upstream, _u) = duplex(64);
-        let done = tunnel(
-            client,
-            upstream,
-            Duration::from_secs(30),
-            CancellationToken::new(),
-        )
-        .await;
+        let done = tunnel(client, upstream, Duration::from_secs(30), CancellationToken::new()).await;
         assert_eq!(done.end, End::Idle);
     }
 }

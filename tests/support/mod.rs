@@ -26,17 +26,19 @@ use tokio_util::sync::CancellationToken;
 
 use egress_proxy::load::load;
 use egress_proxy::proxy::State;
+use egress_proxy::reload::{self, Reloader};
 use egress_proxy::server::{self, Listeners};
 
-pub const TAGS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/ServiceTags_Public_20251020.azureml-subset.json"
-);
+pub const TAGS: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
 pub const BIG: usize = 10 * 1024 * 1024;
 
 /// A running proxy.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The config file, which tests may rewrite to trigger a reload.
+    pub config: PathBuf,
     pub state: Arc<State>,
     pub audit_path: PathBuf,
     pub shutdown: CancellationToken,
@@ -57,25 +59,18 @@ impl TestProxy {
         let config = dir.path().join("proxy.toml");
         std::fs::write(&config, text).unwrap();
         let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
+        let files = loaded.files.clone();
         let state = Arc::new(server::state(loaded).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let done = tokio::spawn(server::run(
-            Listeners {
-                http: Some(listener),
-            },
-            state.clone(),
-            shutdown.clone(),
-        ));
-        Self {
-            addr,
-            state,
-            audit_path,
-            shutdown,
-            done,
-            dir,
-        }
+        let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files));
+        tokio::spawn(reload::watch(reloader.clone(), Duration::from_millis(100), shutdown.clone()));
+        let listeners = Listeners { http: Some(listener), admin: Some(admin) };
+        let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
+        Self { addr, admin_addr, config, state, audit_path, shutdown, done, dir }
     }
 
     pub fn audit(&self) -> Vec<Value> {
@@ -109,24 +104,17 @@ pub fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
         .collect()
 }
 
 /// The deterministic 10 MB body the origins serve at `/big`.
 pub fn big_body() -> Vec<u8> {
-    (0..BIG)
-        .map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8)
-        .collect()
+    (0..BIG).map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8).collect()
 }
 
 pub fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An HTTPS origin on 127.0.0.1:0 whose certificate names `names`, signed by a test CA.
@@ -164,21 +152,14 @@ impl TlsOrigin {
                     };
                     let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
                     let svc = service_fn(move |req| origin_service(req, sni.clone(), big.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
                 });
             }
         });
         let dir = tempfile::tempdir().unwrap();
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, &ca_pem).unwrap();
-        Self {
-            addr,
-            ca_pem,
-            ca_path,
-            _dir: dir,
-        }
+        Self { addr, ca_pem, ca_path, _dir: dir }
     }
 }
 
@@ -195,9 +176,7 @@ pub async fn http_origin() -> SocketAddr {
             let big = big.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| origin_service(req, "plain".into(), big.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });
@@ -233,41 +212,22 @@ type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// `/` → `hello from SNI`; `/big` → the 10 MB body; `/slow` → the 10 MB body over about 1.5 s;
 /// `/echo` → the SHA-256 of the request body and the request's header names.
-async fn origin_service(
-    req: Request<Incoming>,
-    sni: String,
-    big: Bytes,
-) -> Result<Response<OriginBody>, Infallible> {
+async fn origin_service(req: Request<Incoming>, sni: String, big: Bytes) -> Result<Response<OriginBody>, Infallible> {
     let path = req.uri().path().to_string();
-    let headers: Vec<String> = req
-        .headers()
-        .keys()
-        .map(|k| k.as_str().to_string())
-        .collect();
+    let headers: Vec<String> = req.headers().keys().map(|k| k.as_str().to_string()).collect();
     let body: OriginBody = match path.as_str() {
         "/big" => Full::new(big).boxed(),
-        "/slow" => Slow {
-            rest: big,
-            sleep: None,
-        }
-        .boxed(),
+        "/slow" => Slow { rest: big, sleep: None }.boxed(),
         "/echo" => {
-            let bytes = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let bytes = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             let text = format!("{} {}\n{}", bytes.len(), sha256(&bytes), headers.join(","));
             Full::new(Bytes::from(text)).boxed()
         }
         _ => Full::new(Bytes::from(format!("hello from {sni}"))).boxed(),
     };
     let mut resp = Response::new(body);
-    resp.headers_mut()
-        .insert("keep-alive", "timeout=5".parse().unwrap());
-    resp.headers_mut()
-        .insert("x-origin", "yes".parse().unwrap());
+    resp.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+    resp.headers_mut().insert("x-origin", "yes".parse().unwrap());
     Ok(resp)
 }
 
@@ -280,16 +240,11 @@ struct Slow {
 impl Body for Slow {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.rest.is_empty() {
             return Poll::Ready(None);
         }
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(9))));
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(9))));
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
@@ -302,21 +257,14 @@ impl Body for Slow {
 
 fn certificates(
     names: &[&str],
-) -> (
-    String,
-    rustls::pki_types::CertificateDer<'static>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
+) -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "egress-proxy test CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "egress-proxy test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let leaf_params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
@@ -328,8 +276,6 @@ pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Ve
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(send).await.unwrap();
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out))
-        .await
-        .is_ok();
+    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out)).await.is_ok();
     (out, closed)
 }
