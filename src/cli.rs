@@ -1,4 +1,5 @@
-//! The command line: `run` (the default), `check` and `validate`. All printing lives here.
+//! The command line: `run` (the default), `check`, `validate` and `service-tags`. All printing
+//! lives here.
 //!
 //! Exit codes: 0 success (every destination allowed, for `check`); 1 a destination denied, or a
 //! runtime failure; 2 a configuration error.
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::load::{load, Loaded};
 use crate::policy::{Decision, Destination, Host, Policy, Query};
+use crate::service_tags::TagTable;
 
 #[derive(Debug, Parser)]
 #[command(name = "egress-proxy", version, about = "A default-deny egress proxy: lets out only what the policy allows")]
@@ -31,6 +33,18 @@ enum Command {
     Check(CheckArgs),
     /// Check the configuration, print the expanded policy and warn about risky rules.
     Validate(ConfigArgs),
+    /// List the tags of a Service Tags file, or the prefixes of the named tags.
+    ServiceTags(ServiceTagsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServiceTagsArgs {
+    /// A `ServiceTags_Public_*.json`; without it, the data embedded with the preset.
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Tag names (any case); without them, every tag with its prefix count.
+    #[arg(value_name = "TAG")]
+    tags: Vec<String>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -64,6 +78,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Run(args)) => crate::server::main(args),
         Some(Command::Check(args)) => check(args),
         Some(Command::Validate(args)) => validate(args),
+        Some(Command::ServiceTags(args)) => service_tags(args),
     }
 }
 
@@ -201,4 +216,47 @@ fn validate(args: ConfigArgs) -> ExitCode {
         let _ = writeln!(out, "warning: rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message);
     }
     ExitCode::SUCCESS
+}
+
+fn service_tags(args: ServiceTagsArgs) -> ExitCode {
+    let text = match &args.file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: cannot read: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => crate::config::EMBEDDED_TAGS.to_string(),
+    };
+    let tags = match TagTable::parse(&text) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: {e}", args.file.as_deref().map_or("<embedded>".into(), |p| p.display().to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.tags.is_empty() {
+        let _ = writeln!(out, "changeNumber {} ({}), {} tags", tags.change_number(), tags.cloud(), tags.len());
+        for (name, prefixes) in tags.iter() {
+            let _ = writeln!(out, "{name} {}", prefixes.len());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut code = ExitCode::SUCCESS;
+    for wanted in &args.tags {
+        match tags.get(wanted) {
+            Some((name, prefixes)) => {
+                for p in prefixes {
+                    let _ = writeln!(out, "{name} {p}");
+                }
+            }
+            None => {
+                eprintln!("no service tag {wanted:?} (changeNumber {})", tags.change_number());
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    code
 }

@@ -89,10 +89,7 @@ impl Reloader {
 
     /// True when a watched file's contents changed since the last load.
     fn files_changed(&self) -> bool {
-        self.watched
-            .lock()
-            .map(|w| !w.0.is_empty() && digest_files(&w.0) != w.1)
-            .unwrap_or(false)
+        self.watched.lock().map(|w| !w.0.is_empty() && digest_files(&w.0) != w.1).unwrap_or(false)
     }
 }
 

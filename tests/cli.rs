@@ -114,13 +114,13 @@ fn validate_prints_the_expanded_policy_and_warns_about_open_storage() {
 }
 
 #[test]
-fn run_serves_and_exits_0_on_sigterm() {
+fn run_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.toml");
     let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
     std::fs::write(
         &cfg,
-        format!("[listen]\nhttp = \"127.0.0.1:0\"\n[service_tags]\nfile = {tags:?}\n[audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\n"),
+        format!("[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[service_tags]\nfile = {tags:?}\n[audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\n"),
     )
     .unwrap();
     let child = Command::new(BIN)
@@ -132,15 +132,19 @@ fn run_serves_and_exits_0_on_sigterm() {
     let mut child = KillOnDrop(child);
     let child = &mut child.0;
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
+    let (mut addr, mut admin) = (None, None);
     let mut line = String::new();
-    while addr.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
-        if let Some(rest) = line.split("addr=").nth(1) {
-            addr = rest.split_whitespace().next().map(|a| a.to_string());
+    while (addr.is_none() || admin.is_none()) && stderr.read_line(&mut line).unwrap() > 0 {
+        let bound = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()).map(|a| a.to_string());
+        if line.contains("listener=\"http\"") {
+            addr = bound;
+        } else if line.contains("listener=\"admin\"") {
+            admin = bound;
         }
         line.clear();
     }
     let addr = addr.expect("the proxy logs its bound address");
+    let admin = admin.expect("the proxy logs its admin address");
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n").unwrap();
     let mut resp = String::new();
@@ -148,6 +152,21 @@ fn run_serves_and_exits_0_on_sigterm() {
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"reason\":\"no_rule\""), "the audit path is relative to the config file: {audit}");
+
+    // SIGHUP reloads: a rule added to the file shows in /policy.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}[[rule]]\nname = \"added\"\naction = \"allow\"\nhosts = [\"mcr.microsoft.com\"]\n"),
+    )
+    .unwrap();
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    while !http_get(&admin, "/policy").contains("\"added\"") {
+        assert!(started.elapsed() < Duration::from_secs(10), "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(http_get(&admin, "/metrics").contains("egress_proxy_config_reloads_total{result=\"success\"}"));
 
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let started = Instant::now();
@@ -169,4 +188,29 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn service_tags_lists_tags_and_prefixes() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+    let (code, out, _) = run(&["service-tags", "--file", file]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "changeNumber 374 (Public), 23 tags");
+    assert!(lines.contains(&"Storage.WestUS2 52"), "{out}");
+    let (code, out, _) = run(&["service-tags", "--file", file, "storage.francecentral"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 17);
+    assert!(out.lines().all(|l| l.starts_with("Storage.FranceCentral ")));
+    let (code, _, err) = run(&["service-tags", "--file", file, "NoSuchTag"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no service tag \"NoSuchTag\""));
 }

@@ -1,0 +1,207 @@
+//! The admin server: exact metric deltas after allowed, refused and failed connections; health,
+//! readiness, `/policy` and `/denied`; reloads with a good file, a broken file, and a file that
+//! removes a rule while a tunnel through it is open.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn rules(echo_port: u16, extra_rule: &str) -> String {
+    format!(
+        "[resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\"mcr.microsoft.com\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{echo_port}, {closed}]\n{extra_rule}",
+        closed = 1
+    )
+}
+
+fn mcr_rule(port: u16) -> String {
+    format!("[[rule]]\nname = \"mcr\"\naction = \"allow\"\nhosts = [\"mcr.microsoft.com\"]\nports = [{port}]\n")
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::Client::new().get(format!("http://{addr}{path}")).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::Client::new().post(format!("http://{addr}{path}")).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Every sample of the exposition, by its full name with labels.
+async fn scrape(proxy: &TestProxy) -> HashMap<String, f64> {
+    let (status, text) = get(proxy.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap())))
+        .collect()
+}
+
+fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str) -> f64 {
+    after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
+}
+
+/// Opens a CONNECT tunnel and returns the stream after the 200.
+async fn tunnel(proxy: std::net::SocketAddr, host: &str, port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+async fn echo_round(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, msg);
+}
+
+/// The status line the proxy answers `req` with.
+async fn status_of(proxy: std::net::SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => line.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&line).trim_end().to_string()
+}
+
+#[tokio::test]
+async fn metrics_move_by_exactly_the_right_amounts() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(&rules(echo.port(), "")).await;
+    let before = scrape(&proxy).await;
+
+    let mut s = tunnel(proxy.addr, "ml.azure.com", echo.port()).await;
+    echo_round(&mut s, b"hello").await;
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(status_of(proxy.addr, "CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n").await.contains("403"));
+    assert!(status_of(proxy.addr, "CONNECT ml.azure.com:1 HTTP/1.1\r\n\r\n").await.contains("502"));
+    proxy.audit_at_least(4).await;
+
+    let after = scrape(&proxy).await;
+    let d = |k: &str| delta(&before, &after, k);
+    assert_eq!(d(r#"egress_proxy_decisions_total{decision="allow",listener="http",reason="",rule="azureml"}"#), 1.0);
+    assert_eq!(d(r#"egress_proxy_decisions_total{decision="deny",listener="http",reason="no_rule",rule=""}"#), 1.0);
+    assert_eq!(
+        d(r#"egress_proxy_decisions_total{decision="fail",listener="http",reason="upstream_unreachable",rule=""}"#),
+        1.0
+    );
+    assert_eq!(d(r#"egress_proxy_bytes_total{direction="up",listener="http"}"#), 5.0);
+    assert_eq!(d(r#"egress_proxy_bytes_total{direction="down",listener="http"}"#), 5.0);
+    assert_eq!(after[r#"egress_proxy_open_tunnels{listener="http"}"#], 0.0);
+    assert_eq!(d(r#"egress_proxy_upstream_connect_duration_seconds_count{listener="http"}"#), 1.0);
+    assert_eq!(d(r#"egress_proxy_tunnel_duration_seconds_count{listener="http"}"#), 1.0);
+    assert_eq!(d("egress_proxy_dns_lookups_total"), 2.0, "the refused name was never looked up");
+    assert_eq!(d("egress_proxy_dns_failures_total"), 0.0);
+    assert_eq!(d("egress_proxy_audit_lines_total"), 4.0, "three decisions and one close");
+    assert_eq!(after["egress_proxy_audit_lines_lost_total"], 0.0);
+    assert_eq!(after["egress_proxy_service_tags_change_number"], 374.0);
+    assert!(after["egress_proxy_service_tags_file_timestamp_seconds"] > 1.5e9);
+    assert!(after.keys().any(|k| k.starts_with("egress_proxy_config_info{hash=")));
+    let labels = after.keys().filter(|k| k.contains("evil.example.com")).count();
+    assert_eq!(labels, 0, "host names never appear in labels");
+}
+
+#[tokio::test]
+async fn health_readiness_policy_and_denied() {
+    let proxy = TestProxy::start(&rules(9, "")).await;
+    assert_eq!(get(proxy.admin_addr, "/healthz").await, (200, "ok\n".into()));
+    for _ in 0..100 {
+        if get(proxy.admin_addr, "/readyz").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(proxy.admin_addr, "/readyz").await, (200, "ready\n".into()));
+    let (status, policy) = get(proxy.admin_addr, "/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    assert_eq!(policy["info"]["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(policy["info"]["service_tags_change_number"], 374);
+    assert_eq!(policy["rules"][0]["name"], "azureml");
+    assert_eq!(policy["rules"][0]["hosts"][0], "ml.azure.com");
+
+    for _ in 0..3 {
+        status_of(proxy.addr, "CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n").await;
+    }
+    status_of(proxy.addr, "CONNECT other.example.com:8443 HTTP/1.1\r\n\r\n").await;
+    let (_, denied) = get(proxy.admin_addr, "/denied").await;
+    let denied: serde_json::Value = serde_json::from_str(&denied).unwrap();
+    assert_eq!((denied[0]["host"].as_str(), denied[0]["count"].as_u64()), (Some("evil.example.com"), Some(3)));
+    assert_eq!((denied[1]["host"].as_str(), denied[1]["port"].as_u64()), (Some("other.example.com"), Some(8443)));
+    assert_eq!(denied[1]["reason"], "no_rule");
+    assert_eq!(get(proxy.admin_addr, "/nope").await.0, 404);
+    assert_eq!(post(proxy.admin_addr, "/metrics").await.0, 405);
+}
+
+#[tokio::test]
+async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spares_open_tunnels() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(&rules(echo.port(), "")).await;
+    let original = std::fs::read_to_string(&proxy.config).unwrap();
+    let mcr = format!("CONNECT mcr.microsoft.com:{} HTTP/1.1\r\n\r\n", echo.port());
+    assert!(status_of(proxy.addr, &mcr).await.contains("403"));
+    let hash_before = get(proxy.admin_addr, "/policy").await.1;
+
+    // A good file adds a rule: the next connection sees it.
+    std::fs::write(&proxy.config, format!("{original}{}", mcr_rule(echo.port()))).unwrap();
+    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(status_of(proxy.addr, &mcr).await.contains("200"));
+    assert_ne!(get(proxy.admin_addr, "/policy").await.1, hash_before);
+
+    // A tunnel through the mcr rule stays open across a reload that removes the rule.
+    let mut open = tunnel(proxy.addr, "mcr.microsoft.com", echo.port()).await;
+    echo_round(&mut open, b"before").await;
+
+    // A broken file changes nothing.
+    std::fs::write(
+        &proxy.config,
+        format!("{original}{}[[rule]]\nname = \"x\"\nacton = \"allow\"\n", mcr_rule(echo.port())),
+    )
+    .unwrap();
+    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    assert_eq!(status, 500);
+    assert!(body.contains("acton"), "{body}");
+    assert!(status_of(proxy.addr, &mcr).await.contains("200"), "the old policy stays in force");
+
+    // The file watcher picks up the file without the rule; the open tunnel keeps its bytes flowing.
+    std::fs::write(&proxy.config, &original).unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if status_of(proxy.addr, &mcr).await.contains("403") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the watcher did not apply the file without the rule");
+    echo_round(&mut open, b"after the rule is gone").await;
+
+    let m = scrape(&proxy).await;
+    // The broken file fails once through POST /reload, and perhaps once more through the watcher.
+    assert!(m[r#"egress_proxy_config_reloads_total{result="failure"}"#] >= 1.0);
+    assert!(m[r#"egress_proxy_config_reloads_total{result="success"}"#] >= 2.0);
+    assert_eq!(m.keys().filter(|k| k.starts_with("egress_proxy_config_info{")).count(), 1, "one hash at a time");
+}
