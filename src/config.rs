@@ -64,6 +64,12 @@ pub struct Listen {
 pub struct ServiceTags {
     /// Path of a `ServiceTags_Public_*.json` file, relative to the config file.
     pub file: Option<Spanned<String>>,
+    /// Where to fetch fresh Service Tags JSON from (HTTPS); written to `file` when it validates.
+    pub url: Option<Spanned<String>>,
+    /// How often to fetch `url` (default 24h).
+    pub refresh: Option<Seconds>,
+    /// Extra PEM trust anchors for `url`, relative to the config file (for private mirrors).
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@
 //! - `server`: listeners, connection limits, graceful drain; `run` for the binary and for tests.
 //! - `audit`: one JSON line per decision and per closed connection.
 //! - `reload`: SIGHUP, file watch and `POST /reload` build a whole new policy, then swap it in.
+//! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
 //! - `metrics`: the Prometheus catalogue over an owned registry; moved by audit events.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
@@ -24,6 +25,7 @@ pub mod load;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod refresh;
 pub mod reload;
 pub mod resolve;
 pub mod server;

@@ -69,3 +69,13 @@ pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErr
 fn embedded_tags_written() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_760_918_400)
 }
+
+/// Compiles the configuration at `path` against a given tag table, as a check: used to validate
+/// fetched service tags before they replace the file.
+pub fn compile_with_tags(path: &Path, regions: &[String], tags: &TagTable) -> Result<Compiled, ConfigErrors> {
+    let mut config = Config::load(path)?;
+    if !regions.is_empty() {
+        config.regions = regions.iter().map(|r| Spanned::new(0..0, r.clone())).collect();
+    }
+    compile(&config, tags)
+}

@@ -14,6 +14,7 @@
 //! | `egress_proxy_config_info` | gauge (1) | `hash` |
 //! | `egress_proxy_service_tags_change_number` | gauge | |
 //! | `egress_proxy_service_tags_file_timestamp_seconds` | gauge | |
+//! | `egress_proxy_service_tags_refreshes_total` | counter | `result` (success/not_modified/failure) |
 //! | `egress_proxy_audit_lines_total`, `egress_proxy_audit_lines_lost_total` | counter | |
 
 use prometheus::{
@@ -37,6 +38,7 @@ pub struct Metrics {
     pub config_info: IntGaugeVec,
     pub tags_change_number: IntGauge,
     pub tags_timestamp: Gauge,
+    pub tag_refreshes: IntCounterVec,
     pub audit_lines: IntCounter,
     pub audit_lost: IntCounter,
 }
@@ -115,6 +117,11 @@ impl Metrics {
                     "When the service-tag data in force was written.",
                 )
                 .unwrap_or_else(|e| invalid("tags_timestamp", e)),
+            ),
+            tag_refreshes: counter_vec(
+                "egress_proxy_service_tags_refreshes_total",
+                "Service-tag fetches by result.",
+                &["result"],
             ),
             audit_lines: counter("egress_proxy_audit_lines_total", "Audit lines written."),
             audit_lost: counter("egress_proxy_audit_lines_lost_total", "Audit lines that could not be written."),

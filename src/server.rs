@@ -21,9 +21,11 @@ use tracing::Instrument;
 use crate::admin;
 use crate::audit::{Decided, Listener, Verdict};
 use crate::cli::{load_or_report, ConfigArgs};
+use crate::config::Config;
 use crate::load::Loaded;
 use crate::proxy::http::{handle, refusal_response, ConnCx};
 use crate::proxy::{Limits, Refusal, State};
+use crate::refresh::Refresher;
 use crate::reload::{self, Reloader};
 
 /// The bound listeners; each is optional.
@@ -100,6 +102,21 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         tokio::spawn(signals(shutdown.clone()));
         tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
         tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
+        if let Some(path) = &args.config {
+            let config = Config::load(path).ok();
+            let refresher =
+                config.map(|c| Refresher::from_config(&c, Some(path), &args.regions, state.clone(), reloader.clone()));
+            match refresher {
+                Some(Ok(Some(r))) => {
+                    tokio::spawn(r.run(shutdown.clone()));
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "Cannot set up the service-tag refresh");
+                    return ExitCode::from(2);
+                }
+                _ => {}
+            }
+        }
         run(listeners, state, Some(reloader), shutdown).await;
         tracing::info!("Stopped");
         ExitCode::SUCCESS

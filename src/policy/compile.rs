@@ -33,21 +33,23 @@ pub struct Warning {
 
 /// Compiles a configuration against a service-tag table.
 pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigErrors> {
-    let Config {
-        regions,
-        storage_accounts,
-        listen: _,
-        service_tags: _,
-        rules,
-        safety,
-        resolve,
-        audit: _,
-        limits,
-        source,
-    } = config;
+    let Config { regions, storage_accounts, listen: _, service_tags, rules, safety, resolve, audit: _, limits, source } =
+        config;
     let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
 
     // Not policy, but checked here so that every error in the file is reported at once.
+    if let Some(url) = &service_tags.url {
+        if !url.get_ref().starts_with("https://") {
+            cx.error(url.span(), "service_tags.url", "must be an https:// URL".into());
+        }
+        if service_tags.file.is_none() {
+            cx.error(
+                url.span(),
+                "service_tags.url",
+                "needs service_tags.file, where the fetched data is written".into(),
+            );
+        }
+    }
     for (name, addrs) in &resolve.static_hosts {
         match HostName::parse(name) {
             Ok(n) if n.as_str() == name => {}

@@ -255,7 +255,7 @@ impl Body for Slow {
     }
 }
 
-fn certificates(
+pub fn certificates(
     names: &[&str],
 ) -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};

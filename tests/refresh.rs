@@ -1,0 +1,151 @@
+//! Service-tag refresh against a local HTTPS server: ETag, validation, atomic write and reload.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use egress_proxy::config::Config;
+use egress_proxy::load::load;
+use egress_proxy::policy::{Decision, Host, Query};
+use egress_proxy::proxy::State;
+use egress_proxy::refresh::{Outcome, RefreshError, Refresher};
+use egress_proxy::reload::Reloader;
+
+/// What the server sends: status, ETag and body; and the If-None-Match it last saw.
+#[derive(Default)]
+struct Served {
+    status: u16,
+    etag: String,
+    body: String,
+    seen_if_none_match: Option<String>,
+}
+
+async fn https_server(served: Arc<Mutex<Served>>) -> (std::net::SocketAddr, String) {
+    let (ca_pem, cert, key) = support::certificates(&["127.0.0.1"]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, served) = (acceptor.clone(), served.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let served = served.clone();
+                    async move { Ok::<_, Infallible>(answer(&req, &mut served.lock().unwrap())) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, ca_pem)
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, s: &mut Served) -> Response<Full<Bytes>> {
+    let inm = req.headers().get("if-none-match").map(|v| v.to_str().unwrap().to_string());
+    s.seen_if_none_match = inm.clone();
+    let not_modified = inm.as_deref() == Some(s.etag.as_str());
+    let body = if not_modified { Bytes::new() } else { Bytes::from(s.body.clone()) };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = if not_modified { StatusCode::NOT_MODIFIED } else { StatusCode::from_u16(s.status).unwrap() };
+    r.headers_mut().insert("etag", s.etag.parse().unwrap());
+    r
+}
+
+/// The subset file with a new changeNumber and, optionally, an extra AzureMachineLearning prefix.
+fn tags_json(change_number: u64, extra_prefix: Option<&str>, drop_azureml: bool) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(support::TAGS).unwrap()).unwrap();
+    v["changeNumber"] = change_number.into();
+    let values = v["values"].as_array_mut().unwrap();
+    if drop_azureml {
+        values.retain(|t| t["name"] != "AzureMachineLearning");
+    }
+    if let Some(p) = extra_prefix {
+        let aml = values.iter_mut().find(|t| t["name"] == "AzureMachineLearning").unwrap();
+        aml["properties"]["addressPrefixes"].as_array_mut().unwrap().push(p.into());
+    }
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
+fn decide(state: &State, ip: &str) -> Decision {
+    let host = Host::from_ip(ip.parse::<IpAddr>().unwrap());
+    state.policy.load().decide(&Query::new(&host, 443))
+}
+
+#[tokio::test]
+async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
+    let served = Arc::new(Mutex::new(Served::default()));
+    let (addr, ca_pem) = https_server(served.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tags_file = dir.path().join("tags.json");
+    std::fs::copy(support::TAGS, &tags_file).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[service_tags]\nfile = \"tags.json\"\nurl = \"https://{addr}/tags.json\"\nrefresh = \"1h\"\nca_file = \"ca.pem\"\n\
+             [audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"aml\"\naction = \"allow\"\nservice_tags = [\"AzureMachineLearning\"]\n"
+        ),
+    )
+    .unwrap();
+    let loaded = load(Some(&cfg), &[]).unwrap();
+    let files = loaded.files.clone();
+    let state = Arc::new(State::build(loaded).unwrap());
+    let reloader = Arc::new(Reloader::new(Some(cfg.clone()), Vec::new(), state.clone(), files));
+    let config = Config::load(&cfg).unwrap();
+    let refresher = Refresher::from_config(&config, Some(&cfg), &[], state.clone(), reloader).unwrap().unwrap();
+
+    assert!(!decide(&state, "203.0.113.5").is_allow());
+    let newer = tags_json(375, Some("203.0.113.0/24"), false);
+    *served.lock().unwrap() = Served { status: 200, etag: "\"v375\"".into(), body: newer.clone(), ..Served::default() };
+    assert_eq!(refresher.fetch_once().await.unwrap(), Outcome::Updated { change_number: 375 });
+    assert_eq!(std::fs::read_to_string(&tags_file).unwrap(), newer, "written over the configured file");
+    assert!(decide(&state, "203.0.113.5").is_allow(), "the new prefix is in force");
+    assert_eq!(state.info.load().service_tags_change_number, 375);
+
+    assert_eq!(refresher.fetch_once().await.unwrap(), Outcome::NotModified);
+    assert_eq!(served.lock().unwrap().seen_if_none_match.as_deref(), Some("\"v375\""));
+
+    let bad_cases = [
+        (200, tags_json(300, None, false)),
+        (200, "{\"not\": \"service tags\"}".to_string()),
+        (200, tags_json(376, None, true)),
+        (500, String::new()),
+    ];
+    for (i, (status, body)) in bad_cases.into_iter().enumerate() {
+        *served.lock().unwrap() = Served { status, etag: format!("\"bad{i}\""), body, ..Served::default() };
+        let err = refresher.fetch_once().await.unwrap_err();
+        match i {
+            0 => assert!(matches!(err, RefreshError::Older { new: 300, current: 375 }), "{err}"),
+            1 => assert!(matches!(err, RefreshError::Invalid(_)), "{err}"),
+            2 => assert!(err.to_string().contains("AzureMachineLearning is missing"), "{err}"),
+            _ => assert!(matches!(err, RefreshError::Status(500)), "{err}"),
+        }
+        assert_eq!(std::fs::read_to_string(&tags_file).unwrap(), newer, "a failed fetch keeps the last good file");
+        assert!(decide(&state, "203.0.113.5").is_allow());
+    }
+    let m = state.metrics.render();
+    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"success\"} 1"), "{m}");
+    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"not_modified\"} 1"), "{m}");
+    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"failure\"} 4"), "{m}");
+    assert!(m.contains("egress_proxy_service_tags_change_number 375"), "{m}");
+}
