@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `policy`: the pure decision engine (hosts, patterns, ranges, built-in protections); no I/O.
+//! - `tls`: sans-IO ClientHello reader (server name, ALPN, ECH); no I/O.
 //! - `service_tags`: Azure Service Tags JSON → tag table; no I/O.
 //! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
 //! - `config`: the only code that knows the TOML format; errors name file, line and field.
@@ -30,3 +31,4 @@ pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod service_tags;
+pub mod tls;

@@ -1,0 +1,6 @@
+//! TLS, read without decrypting: the ClientHello's server name, ALPN and ECH presence.
+//! This directory never sees a socket.
+
+pub mod client_hello;
+
+pub use client_hello::{parse, ClientHello, HelloError, Parsed, MAX_HELLO_BYTES};
