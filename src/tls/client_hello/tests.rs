@@ -161,7 +161,8 @@ fn refuses_what_is_not_a_tls_hello() {
 
 #[test]
 fn refuses_bad_server_names() {
-    let cases: &[(&[(u8, &[u8])], HelloError)] = &[
+    type Names<'a> = &'a [(u8, &'a [u8])];
+    let cases: &[(Names, HelloError)] = &[
         (&[(0, b"10.0.0.1")], HelloError::SniIpAddress),
         (&[(0, b"::1")], HelloError::SniIpAddress),
         (&[(0, b"")], HelloError::EmptySni),
