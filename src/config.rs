@@ -91,6 +91,14 @@ pub struct RuleConfig {
     pub ports: Option<Vec<PortRange>>,
     #[serde(default)]
     pub sources: Vec<Spanned<String>>,
+    /// Inside CONNECT tunnels, refuse a TLS server name that differs from the CONNECT host
+    /// (domain fronting). On by default.
+    #[serde(default = "yes")]
+    pub sni_check: bool,
+    /// Let through ClientHellos that carry Encrypted Client Hello (the outer name is then all
+    /// the proxy sees). Off by default.
+    #[serde(default)]
+    pub allow_ech: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]

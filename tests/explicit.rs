@@ -303,10 +303,16 @@ async fn connection_limit_is_answered_503() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections = 1\n")).await;
     let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
+    // Not TLS: the tunnel opens (and is audited) as soon as the first bytes show it.
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nping", echo.port()).as_bytes()).await.unwrap();
+    let mut got = Vec::new();
     let mut buf = [0u8; 64];
-    let n = held.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    while !got.ends_with(b"ping") {
+        let n = held.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     let resp = String::from_utf8_lossy(&resp);
@@ -348,10 +354,16 @@ async fn per_client_limit_is_answered_503() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections_per_client = 1\n")).await;
     let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
+    // Not TLS: the tunnel opens (and is audited) as soon as the first bytes show it.
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nping", echo.port()).as_bytes()).await.unwrap();
+    let mut got = Vec::new();
     let mut buf = [0u8; 64];
-    let n = held.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    while !got.ends_with(b"ping") {
+        let n = held.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     assert!(String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: connection_limit"));
@@ -384,4 +396,123 @@ async fn upstream_connect_timeout_is_504() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(proxy.audit()[0]["decision"], "fail");
     drop(socket);
+}
+
+/// A TLS client over a CONNECT tunnel to `connect_host`, sending `sni` in its ClientHello.
+async fn tls_through(
+    proxy: std::net::SocketAddr,
+    connect_host: &str,
+    port: u16,
+    sni: &str,
+    ca_pem: &str,
+) -> std::io::Result<String> {
+    use std::sync::Arc;
+    let mut s = tokio::net::TcpStream::connect(proxy).await?;
+    s.write_all(format!("CONNECT {connect_host}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = connector.connect(name, s).await?;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_server_name_other_than_the_connect_host_is_refused_as_sni_mismatch() {
+    let origin = TlsOrigin::start(NAMES).await;
+    let proxy = TestProxy::start(&rules_for(origin.addr, "")).await;
+    let port = origin.addr.port();
+    // Domain fronting: CONNECT to an allowed name, then ask the shared front end for another one.
+    let fronted = tls_through(proxy.addr, "ml.azure.com", port, "mcr.microsoft.com", &origin.ca_pem).await;
+    assert!(fronted.is_err(), "{fronted:?}");
+    let honest = tls_through(proxy.addr, "ml.azure.com", port, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    assert!(honest.ends_with("hello from ml.azure.com"), "{honest}");
+    let lines = proxy.audit_at_least(3).await;
+    let d = decisions(&lines);
+    assert_eq!(
+        (d[0]["decision"].as_str(), d[0]["reason"].as_str(), d[0]["rule"].as_str()),
+        (Some("deny"), Some("sni_mismatch"), Some("azureml"))
+    );
+    assert_eq!(d[1]["decision"], "allow");
+}
+
+#[tokio::test]
+async fn sni_check_can_be_switched_off_per_rule() {
+    let origin = TlsOrigin::start(NAMES).await;
+    let port = origin.addr.port();
+    let rules = format!(
+        "[resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n[[rule]]\nname = \"fronting-ok\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{port}]\nsni_check = false\n"
+    );
+    let proxy = TestProxy::start(&rules).await;
+    let out = tls_through(proxy.addr, "ml.azure.com", port, "mcr.microsoft.com", &origin.ca_pem).await.unwrap();
+    assert!(out.ends_with("hello from mcr.microsoft.com"), "{out}");
+}
+
+/// A minimal ClientHello record for `sni`, with an encrypted_client_hello extension.
+fn hello_with_ech(sni: &str) -> Vec<u8> {
+    let mut sn = vec![0u8];
+    sn.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    sn.extend_from_slice(sni.as_bytes());
+    let mut sni_ext = (sn.len() as u16).to_be_bytes().to_vec();
+    sni_ext.extend_from_slice(&sn);
+    let mut exts = Vec::new();
+    for (kind, data) in [(0x0000u16, sni_ext), (0xfe0d, vec![0, 1, 2, 3])] {
+        exts.extend_from_slice(&kind.to_be_bytes());
+        exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        exts.extend_from_slice(&data);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
+    rec.push(0x01);
+    rec.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    rec.extend_from_slice(&body);
+    rec
+}
+
+#[tokio::test]
+async fn encrypted_client_hello_is_refused_unless_the_rule_allows_it() {
+    let echo = echo_origin().await;
+    let port = echo.port();
+    let extra = format!("[[rule]]\nname = \"ech-ok\"\naction = \"allow\"\nhosts = [\"evil.example.com\"]\nports = [{port}]\nallow_ech = true\n");
+    let proxy = TestProxy::start(&rules_for(echo, &extra)).await;
+    for (host, want_echo) in [("ml.azure.com", false), ("evil.example.com", true)] {
+        let hello = hello_with_ech(host);
+        let mut req = format!("CONNECT {host}:{port} HTTP/1.1\r\n\r\n").into_bytes();
+        req.extend_from_slice(&hello);
+        let (resp, _) = raw_exchange(proxy.addr, &req, Duration::from_secs(5)).await;
+        let echoed = resp.ends_with(&hello);
+        assert_eq!(echoed, want_echo, "{host}");
+    }
+    let lines = proxy.audit_at_least(2).await;
+    let d = decisions(&lines);
+    assert_eq!((d[0]["reason"].as_str(), d[0]["host"].as_str()), (Some("ech_present"), Some("ml.azure.com")));
+    assert_eq!((d[1]["decision"].as_str(), d[1]["rule"].as_str()), (Some("allow"), Some("ech-ok")));
 }

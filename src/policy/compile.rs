@@ -177,7 +177,19 @@ impl Cx<'_> {
     }
 
     fn rule(&mut self, rc: &RuleConfig, label: &str, regions: &[String], accounts: &[String]) -> Option<Rule> {
-        let RuleConfig { name, action, enabled: _, protocol, hosts, cidrs, service_tags, ports, sources } = rc;
+        let RuleConfig {
+            name,
+            action,
+            enabled: _,
+            protocol,
+            hosts,
+            cidrs,
+            service_tags,
+            ports,
+            sources,
+            sni_check,
+            allow_ech,
+        } = rc;
         let before = self.errors.len();
 
         let mut patterns = Vec::new();
@@ -271,6 +283,8 @@ impl Cx<'_> {
             tags: tag_names,
             cidrs: cidr_nets,
             ranges,
+            sni_check: *sni_check,
+            allow_ech: *allow_ech,
         })
     }
 

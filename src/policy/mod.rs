@@ -64,6 +64,10 @@ pub struct Rule {
     pub cidrs: Vec<IpNet>,
     /// Every range of the rule: its cidrs and the prefixes of its tags.
     pub ranges: Vec<IpNet>,
+    /// Check the TLS server name against the CONNECT host.
+    pub sni_check: bool,
+    /// Let ClientHellos with Encrypted Client Hello through.
+    pub allow_ech: bool,
 }
 
 /// One question for the policy. Build it with `Query::new` and the `from`/`at` setters.

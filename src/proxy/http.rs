@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dial::dial;
-use super::tunnel::{tunnel, tunnel_tcp};
+use super::tunnel::tunnel_tcp;
 use super::{authorize, Refusal, State};
 use crate::audit::{Closed, Decided, Listener, Verdict};
-use crate::policy::{DenyReason, Destination, Host, HostError, Policy};
+use crate::policy::{DenyReason, Destination, Host, HostError, HostName, Policy, RuleId};
+use crate::tls::{self, Parsed};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -150,82 +151,156 @@ fn has_body(headers: &HeaderMap) -> bool {
         || headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
 }
 
-/// Decides, resolves, checks and dials the target, then writes the `allow` decision line.
-/// Returns the connected upstream and the close record that will pair with that line.
-async fn open(
-    cx: &Arc<ConnCx>,
-    policy: &Policy,
-    id: u64,
-    method: &str,
-    target: &Target,
-) -> Result<(TcpStream, CloseRecord), Refusal> {
+/// An allowed destination, connected; its decision line is not written yet.
+struct Opened {
+    upstream: TcpStream,
+    dest: Destination,
+    addr: SocketAddr,
+    rule: Option<RuleId>,
+}
+
+impl Opened {
+    /// Writes the `allow` decision line and returns the close record that will pair with it.
+    fn allow(&self, cx: &ConnCx, policy: &Policy, id: u64, method: &str) -> CloseRecord {
+        let rule = self.rule.map(|r| policy.rule_name(r).to_string());
+        let host = self.dest.host.to_string();
+        cx.state.audit.decided(&Decided {
+            id,
+            client: cx.client,
+            listener: Listener::Http,
+            method: Some(method),
+            host: Some(&host),
+            port: Some(self.dest.port),
+            dst_addr: Some(self.addr),
+            decision: Verdict::Allow,
+            rule: rule.as_deref(),
+            reason: None,
+        });
+        CloseRecord {
+            state: Arc::clone(&cx.state),
+            closed: OwnedClosed { id, client: cx.client, host, port: self.dest.port, addr: self.addr, rule },
+            up: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Decides, resolves, checks and dials the target.
+async fn open(cx: &Arc<ConnCx>, policy: &Policy, target: &Target) -> Result<Opened, Refusal> {
     let dest = target.dest.clone()?;
     let state = &cx.state;
     let permit = authorize(policy, &state.resolver, &dest, cx.client.ip()).await?;
     let dialling = Instant::now();
     let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
     state.metrics.connect_duration.with_label_values(&["http"]).observe(dialling.elapsed().as_secs_f64());
-    let rule = permit.rule_for(addr).map(|r| policy.rule_name(r).to_string());
-    let host = dest.host.to_string();
-    state.audit.decided(&Decided {
-        id,
-        client: cx.client,
-        listener: Listener::Http,
-        method: Some(method),
-        host: Some(&host),
-        port: Some(dest.port),
-        dst_addr: Some(addr),
-        decision: Verdict::Allow,
-        rule: rule.as_deref(),
-        reason: None,
-    });
-    let close = CloseRecord {
-        state: Arc::clone(state),
-        closed: OwnedClosed { id, client: cx.client, host, port: dest.port, addr, rule },
-        up: Arc::new(AtomicU64::new(0)),
-        down: Arc::new(AtomicU64::new(0)),
-        started: Instant::now(),
-    };
-    Ok((upstream, close))
+    Ok(Opened { upstream, dest, addr, rule: permit.rule_for(addr) })
 }
 
 async fn connect(
     req: Request<Incoming>,
     cx: &Arc<ConnCx>,
-    policy: &Policy,
+    policy: &Arc<Policy>,
     id: u64,
     target: &Target,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    let (mut upstream, close) = open(cx, policy, id, "CONNECT", target).await?;
-    let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
-    // The tunnel keeps the client connection's place in the limits until it closes.
-    let slot = Arc::clone(&cx.guard);
-    cx.tracker.spawn(async move {
-        let _slot = slot;
-        let tunnelled = match hyper::upgrade::on(req).await {
-            // The client's own socket: splice in the kernel, after the bytes hyper already read.
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) if upstream.write_all(&parts.read_buf).await.is_ok() => {
-                    close.up.fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
-                    Some(tunnel_tcp(parts.io.into_inner(), upstream, idle, stop).await)
-                }
-                Ok(_) => None,
-                Err(upgraded) => Some(tunnel(TokioIo::new(upgraded), upstream, idle, stop).await),
-            },
-            Err(e) => {
-                tracing::debug!(id, error = %e, "CONNECT upgrade failed");
-                None
-            }
+    let opened = open(cx, policy, target).await?;
+    let (cx, policy) = (Arc::clone(cx), Arc::clone(policy));
+    // The tunnel task holds the connection's Arc, and with it its place in the limits.
+    cx.tracker.clone().spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => return tracing::debug!(id, error = %e, "CONNECT upgrade failed"),
         };
-        if let Some(t) = tunnelled {
-            tracing::debug!(id, end = ?t.end, "Tunnel closed");
-            close.up.fetch_add(t.up, Ordering::Relaxed);
-            close.down.fetch_add(t.down, Ordering::Relaxed);
+        // The client's own socket, and the bytes hyper read past the CONNECT head.
+        let (client, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
+            Err(_) => return tracing::error!(id, "CONNECT upgrade is not a TCP socket; closing"),
+        };
+        let Opened { upstream, .. } = &opened;
+        let rule = opened.rule.and_then(|r| policy.rule(r));
+        let (sni_check, allow_ech) = rule.map_or((true, false), |r| (r.sni_check, r.allow_ech));
+        let first = if sni_check || !allow_ech {
+            let name = opened.dest.host.name().filter(|_| sni_check);
+            let wait = cx.state.limits.request_head_timeout;
+            match inspect_hello(&client, upstream, early, name, allow_ech, wait).await {
+                Ok(first) => first,
+                Err(reason) => {
+                    let target = Target { raw: opened.dest.host.to_string(), dest: Ok(opened.dest.clone()) };
+                    let refusal = Refusal::Policy { reason, rule: opened.rule };
+                    return record_refusal(&cx, &policy, id, "CONNECT", &target, &refusal);
+                }
+            }
+        } else {
+            early
+        };
+        let close = opened.allow(&cx, &policy, id, "CONNECT");
+        let Opened { mut upstream, .. } = opened;
+        if upstream.write_all(&first).await.is_err() {
+            return;
         }
+        close.up.fetch_add(first.len() as u64, Ordering::Relaxed);
+        let t = tunnel_tcp(client, upstream, cx.state.limits.idle_timeout, cx.stop.clone()).await;
+        tracing::debug!(id, end = ?t.end, "Tunnel closed");
+        close.up.fetch_add(t.up, Ordering::Relaxed);
+        close.down.fetch_add(t.down, Ordering::Relaxed);
         drop(close); // writes the close line
     });
     Ok(Response::new(empty()))
 }
+
+/// Reads the client's first bytes inside a CONNECT tunnel until they make a whole ClientHello,
+/// and checks it: Encrypted Client Hello unless `allow_ech`, and a server name other than `name`
+/// (domain fronting through a shared front door). Bytes that are not TLS, or an upstream that
+/// speaks first, end the inspection with nothing to check. Returns the bytes read, to be sent on.
+async fn inspect_hello(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mut buf: Vec<u8>,
+    name: Option<&HostName>,
+    allow_ech: bool,
+    wait: Duration,
+) -> Result<Vec<u8>, DenyReason> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match buf.first() {
+            Some(&TLS_HANDSHAKE) => match tls::parse(&buf) {
+                Ok(Parsed::Hello(hello)) => {
+                    if hello.ech && !allow_ech {
+                        return Err(DenyReason::EchPresent);
+                    }
+                    return match (name, &hello.sni) {
+                        (Some(asked), Some(sni)) if asked != sni => Err(DenyReason::SniMismatch),
+                        _ => Ok(buf),
+                    };
+                }
+                Ok(Parsed::NeedMore) if buf.len() <= tls::MAX_HELLO_BYTES => {}
+                Ok(Parsed::NeedMore) | Err(_) => return Err(DenyReason::InvalidHost),
+            },
+            Some(_) => return Ok(buf), // not TLS: no server name to check
+            None => {}
+        }
+        tokio::select! {
+            r = client.readable() => {
+                if r.is_err() {
+                    return Err(DenyReason::InvalidHost);
+                }
+                let mut chunk = [0u8; 4096];
+                match client.try_read(&mut chunk) {
+                    Ok(0) => return if buf.is_empty() { Ok(buf) } else { Err(DenyReason::InvalidHost) },
+                    Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(DenyReason::InvalidHost),
+                }
+            }
+            // A server that speaks first (SSH, SMTP) is not TLS: nothing to check.
+            _ = upstream.readable(), if buf.is_empty() => return Ok(buf),
+            () = tokio::time::sleep_until(deadline) => return Err(DenyReason::InvalidHost),
+        }
+    }
+}
+
+const TLS_HANDSHAKE: u8 = 0x16;
 
 async fn forward(
     mut req: Request<Incoming>,
@@ -235,7 +310,9 @@ async fn forward(
     target: &Target,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let method = req.method().clone();
-    let (upstream, close) = open(cx, policy, id, method.as_str(), target).await?;
+    let opened = open(cx, policy, target).await?;
+    let close = opened.allow(cx, policy, id, method.as_str());
+    let upstream = opened.upstream;
 
     // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
     let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
