@@ -233,6 +233,8 @@ async fn malformed_requests_get_400() {
         b"CONNECT ml.azure.com:443 HTTP/1.1\r\nX-A: a\r\n folded\r\n\r\n",
         b"CONNECT ml.azure.com HTTP/1.1\r\n\r\n",
         b"GET https://ml.azure.com/ HTTP/1.1\r\nHost: ml.azure.com\r\n\r\n",
+        b"GET http://user@ml.azure.com/ HTTP/1.1\r\n\r\n",
+        b"CONNECT user@ml.azure.com:443 HTTP/1.1\r\n\r\n",
     ];
     for case in cases {
         let (resp, closed) = raw_exchange(proxy.addr, case, Duration::from_secs(5)).await;

@@ -121,6 +121,10 @@ fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
             return Err(Refusal::BadRequest("Host header conflicts with the request target"));
         }
     }
+    if authority.as_str().contains('@') {
+        // `Authority::host` would drop the userinfo: refuse it rather than decide on half of it.
+        return Err(Refusal::BadRequest("userinfo in the request target"));
+    }
     let parsed = if req.method() == Method::CONNECT || authority.port().is_some() {
         Destination::parse_authority(authority.as_str())
     } else {
