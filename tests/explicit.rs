@@ -304,17 +304,7 @@ async fn a_slowloris_client_is_dropped_and_logged() {
 async fn connection_limit_is_answered_503() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections = 1\n")).await;
-    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    // Not TLS: the tunnel opens (and is audited) as soon as the first bytes show it.
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nping", echo.port()).as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while !got.ends_with(b"ping") {
-        let n = held.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let held = hold_tunnel(proxy.addr, echo).await;
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     let resp = String::from_utf8_lossy(&resp);
@@ -355,17 +345,7 @@ async fn graceful_shutdown_lets_a_running_download_finish() {
 async fn per_client_limit_is_answered_503() {
     let echo = echo_origin().await;
     let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections_per_client = 1\n")).await;
-    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    // Not TLS: the tunnel opens (and is audited) as soon as the first bytes show it.
-    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nping", echo.port()).as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while !got.ends_with(b"ping") {
-        let n = held.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let _held = hold_tunnel(proxy.addr, echo).await;
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     assert!(String::from_utf8_lossy(&resp).contains("x-egress-deny-reason: connection_limit"));
@@ -517,4 +497,20 @@ async fn encrypted_client_hello_is_refused_unless_the_rule_allows_it() {
     let d = decisions(&lines);
     assert_eq!((d[0]["reason"].as_str(), d[0]["host"].as_str()), (Some("ech_present"), Some("ml.azure.com")));
     assert_eq!((d[1]["decision"].as_str(), d[1]["rule"].as_str()), (Some("allow"), Some("ech-ok")));
+}
+
+/// Opens a CONNECT tunnel to the echo origin and proves it carries bytes. Not TLS: the tunnel
+/// opens (and is audited) as soon as the first bytes show it.
+async fn hold_tunnel(proxy: std::net::SocketAddr, echo: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut held = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    held.write_all(format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nping", echo.port()).as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"ping") {
+        let n = held.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    held
 }
