@@ -127,7 +127,7 @@ pub struct SafetyConfig {
     pub allow_internal: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveConfig {
     /// Host name → addresses, consulted before DNS.
@@ -386,6 +386,12 @@ fn max_connections_per_client() -> usize {
 }
 fn shutdown_grace() -> Seconds {
     secs(30)
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        Self { static_hosts: BTreeMap::new(), timeout: dns_timeout() }
+    }
 }
 
 impl Default for Limits {

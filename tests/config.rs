@@ -97,3 +97,12 @@ fn limits_and_resolve_pins_are_checked() {
     let fields: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
     assert_eq!(fields, [(4, "resolve.static.\"ML.azure.com\""), (2, "limits.max_request_head_bytes")]);
 }
+
+#[test]
+fn absurd_durations_are_refused_on_their_line() {
+    let text = "[limits]\nmax_connections = 10\nconnect_timeout = \"400000000000y\"\n";
+    let config = Config::from_str(text, Origin::File("p.toml".into())).unwrap();
+    let errs = egress_proxy::policy::compile(&config, &Default::default()).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!((errs[0].line, errs[0].field.as_str()), (3, "limits.connect_timeout"));
+}

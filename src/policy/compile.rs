@@ -69,8 +69,22 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
             format!("must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"),
         );
     }
+    let durations = [
+        ("limits.request_head_timeout", limits.request_head_timeout),
+        ("limits.connect_timeout", limits.connect_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+        ("limits.shutdown_grace", limits.shutdown_grace),
+        ("resolve.timeout", resolve.timeout),
+    ];
+    for (field, d) in durations.into_iter().chain(service_tags.refresh.map(|r| ("service_tags.refresh", r))) {
+        if d.0.is_zero() || d.0 > MAX_DURATION {
+            let span = key_span(&source.text, field);
+            cx.error(span, field, "must be more than zero and at most 30 days".into());
+        }
+    }
     if limits.max_connections == 0 || limits.max_connections_per_client == 0 {
-        cx.error(0..0, "limits", "max_connections and max_connections_per_client must be at least 1".into());
+        let span = key_span(&source.text, "limits.max_connections");
+        cx.error(span, "limits", "max_connections and max_connections_per_client must be at least 1".into());
     }
 
     let regions: Vec<String> = regions
@@ -322,6 +336,27 @@ impl Cx<'_> {
     }
 }
 
+/// The span of `key = ...` inside `[table]`, for fields that are not `Spanned` (`table.key`); the
+/// table header, or the start of the file, when the key is not written out.
+fn key_span(text: &str, field: &str) -> std::ops::Range<usize> {
+    let (table, key) = field.split_once('.').unwrap_or(("", field));
+    let header = format!("[{table}]");
+    let Some(start) = text.find(&header) else { return 0..0 };
+    let mut lines = text.get(start..).unwrap_or_default().split_inclusive('\n');
+    let mut offset = start + lines.next().map_or(0, str::len);
+    for line in lines {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            break;
+        }
+        if trimmed.split(['=', ' ']).next() == Some(key) {
+            return offset..offset + line.len();
+        }
+        offset += line.len();
+    }
+    start..start
+}
+
 /// Flags rules that let traffic reach places anyone can write to.
 fn lint(rule: &Rule) -> Vec<Warning> {
     let mut out = Vec::new();
@@ -360,6 +395,8 @@ fn lint(rule: &Rule) -> Vec<Warning> {
     out
 }
 
+/// Longer durations are mistakes, and would overflow deadline arithmetic.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
 /// hyper refuses a read buffer under 8 KiB; over 1 MiB a request head is an attack.
 const MIN_HEAD_BYTES: usize = 8 * 1024;
 const MAX_HEAD_BYTES: usize = 1024 * 1024;

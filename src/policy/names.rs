@@ -68,7 +68,8 @@ impl Pattern {
             }
         }
         if input.contains(['*', '?']) {
-            if input.contains(['[', ']', '{', '}', ',', '\\', '!']) {
+            // `**` would cross dots in globset; classes and alternations are not host patterns.
+            if input.contains("**") || input.contains(['[', ']', '{', '}', ',', '\\', '!']) {
                 return Err(PatternError::UnsupportedGlob);
             }
             let last = input.rsplit('.').next().unwrap_or(input);
@@ -226,6 +227,8 @@ mod tests {
         assert_eq!(Pattern::parse("ML.azure.com"), Err(PatternError::NotNormalised("ml.azure.com".into())));
         assert_eq!(Pattern::parse("ml.azure.com."), Err(PatternError::NotNormalised("ml.azure.com".into())));
         assert_eq!(Pattern::parse("{a,b}*.example.com"), Err(PatternError::UnsupportedGlob));
+        assert_eq!(Pattern::parse("**.com"), Err(PatternError::UnsupportedGlob));
+        assert_eq!(Pattern::parse("a.**.example.com"), Err(PatternError::UnsupportedGlob));
         assert_eq!(Pattern::parse("a..b"), Err(PatternError::Host(HostError::EmptyLabel)));
         assert!(matches!(Pattern::parse("*.co.uk"), Ok(Pattern::Suffix(_))));
     }

@@ -125,7 +125,10 @@ fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
         // `Authority::host` would drop the userinfo: refuse it rather than decide on half of it.
         return Err(Refusal::BadRequest("userinfo in the request target"));
     }
-    let parsed = if req.method() == Method::CONNECT || authority.port().is_some() {
+    // A port is present when a ':' follows the host (outside IPv6 brackets); parse it strictly
+    // rather than trust `Authority::port`, which is `None` for a port it cannot read.
+    let has_port = authority.as_str().rsplit(']').next().is_some_and(|tail| tail.contains(':'));
+    let parsed = if req.method() == Method::CONNECT || has_port {
         Destination::parse_authority(authority.as_str())
     } else {
         Host::parse(authority.host()).map(|host| Destination { host, port: 80 })
