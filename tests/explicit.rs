@@ -503,8 +503,15 @@ async fn encrypted_client_hello_is_refused_unless_the_rule_allows_it() {
         let echoed = resp.ends_with(&hello);
         assert_eq!(echoed, want_echo, "{host}");
     }
-    let lines = proxy.audit_at_least(2).await;
+    // An alert record before the hello does not get a hello past the check.
+    let mut req = format!("CONNECT ml.azure.com:{port} HTTP/1.1\r\n\r\n").into_bytes();
+    req.extend_from_slice(&[0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 0x00]);
+    req.extend_from_slice(&hello_with_ech("mcr.microsoft.com"));
+    let (resp, _) = raw_exchange(proxy.addr, &req, Duration::from_secs(5)).await;
+    assert!(resp.starts_with(b"HTTP/1.1 200") && resp.ends_with(b"\r\n\r\n"), "nothing after the 200 head");
+    let lines = proxy.audit_at_least(3).await;
     let d = decisions(&lines);
+    assert_eq!(d[2]["reason"], "invalid_host");
     assert_eq!((d[0]["reason"].as_str(), d[0]["host"].as_str()), (Some("ech_present"), Some("ml.azure.com")));
     assert_eq!((d[1]["decision"].as_str(), d[1]["rule"].as_str()), (Some("allow"), Some("ech-ok")));
 }

@@ -271,7 +271,9 @@ async fn inspect_hello(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match buf.first() {
-            Some(&TLS_HANDSHAKE) => match tls::parse(&buf) {
+            // Any TLS record type (an alert can come before the hello) or an SSLv2-style header is
+            // read as TLS, so that only a real ClientHello gets through, and only once checked.
+            Some(&b) if (TLS_CONTENT_TYPES).contains(&b) || b & 0x80 != 0 => match tls::parse(&buf) {
                 Ok(Parsed::Hello(hello)) => {
                     if hello.ech && !allow_ech {
                         return Err(DenyReason::EchPresent);
@@ -307,7 +309,8 @@ async fn inspect_hello(
     }
 }
 
-const TLS_HANDSHAKE: u8 = 0x16;
+/// change_cipher_spec, alert, handshake, application_data, heartbeat (RFC 8446 §5.1, RFC 6520).
+const TLS_CONTENT_TYPES: std::ops::RangeInclusive<u8> = 0x14..=0x18;
 
 async fn forward(
     mut req: Request<Incoming>,

@@ -48,6 +48,8 @@ pub enum HelloError {
     NotClientHello,
     #[error("ClientHello larger than this proxy reads")]
     TooLarge,
+    #[error("ClientHello split over too many records")]
+    TooManyRecords,
     #[error("{0} overruns its container")]
     Overrun(&'static str),
     #[error("trailing bytes after {0}")]
@@ -67,12 +69,19 @@ pub enum HelloError {
 }
 
 /// Reads what `input` holds: the first TLS records a client sent on a connection.
+///
+/// Cheap while incomplete: record headers are walked without copying, and the handshake is
+/// assembled only once every byte of it has arrived, so a caller may call this after every read.
 pub fn parse(input: &[u8]) -> Result<Parsed, HelloError> {
-    let mut handshake = Vec::new();
     let mut rest = input;
+    let mut records = 0;
+    let mut head = [0u8; 4]; // the handshake header, gathered across records
+    let mut head_len = 0;
+    let mut have = 0; // handshake bytes available so far
     loop {
         let Some(header) = rest.get(..RECORD_HEADER) else {
-            return check_partial_header(rest).map(|()| Parsed::NeedMore);
+            check_partial_header(rest)?;
+            return Ok(Parsed::NeedMore);
         };
         check_partial_header(header)?;
         // `header` is exactly RECORD_HEADER (5) bytes long: these indexes are in bounds.
@@ -90,19 +99,48 @@ pub fn parse(input: &[u8]) -> Result<Parsed, HelloError> {
         if len == 0 {
             return Err(HelloError::EmptyRecord);
         }
-        let Some(fragment) = rest.get(RECORD_HEADER..RECORD_HEADER + len) else {
-            // Check what there is of the message so far, so bad input fails early.
-            let partial = rest.get(RECORD_HEADER..).unwrap_or_default();
-            handshake.extend_from_slice(partial);
-            return check_handshake_prefix(&handshake).map(|()| Parsed::NeedMore);
-        };
-        handshake.extend_from_slice(fragment);
-        rest = rest.get(RECORD_HEADER + len..).unwrap_or_default();
-        check_handshake_prefix(&handshake)?;
-        if let Some(body) = complete_message(&handshake) {
-            return parse_client_hello(body).map(Parsed::Hello);
+        records += 1;
+        if records > MAX_RECORDS {
+            return Err(HelloError::TooManyRecords);
         }
+        let body = rest.get(RECORD_HEADER..).unwrap_or_default();
+        let fragment = body.get(..len).unwrap_or(body);
+        for &b in fragment.iter().take(4 - head_len) {
+            if let Some(slot) = head.get_mut(head_len) {
+                *slot = b;
+                head_len += 1;
+            }
+        }
+        have += fragment.len();
+        check_handshake_prefix(head.get(..head_len).unwrap_or_default())?;
+        if head_len == 4 {
+            let need = 4 + (u32::from_be_bytes([0, head[1], head[2], head[3]]) as usize);
+            if have >= need {
+                let handshake = assemble(input, need);
+                return complete_message(&handshake)
+                    .map_or(Ok(Parsed::NeedMore), |m| parse_client_hello(m).map(Parsed::Hello));
+            }
+        }
+        if fragment.len() < len {
+            return Ok(Parsed::NeedMore);
+        }
+        rest = body.get(len..).unwrap_or_default();
     }
+}
+
+/// The first `need` handshake bytes of `input`, whose record headers `parse` has already checked.
+fn assemble(input: &[u8], need: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(need);
+    let mut rest = input;
+    while out.len() < need {
+        let Some(header) = rest.get(..RECORD_HEADER) else { break };
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let body = rest.get(RECORD_HEADER..).unwrap_or_default();
+        let fragment = body.get(..len).unwrap_or(body);
+        out.extend_from_slice(fragment.get(..need - out.len()).unwrap_or(fragment));
+        rest = body.get(len..).unwrap_or_default();
+    }
+    out
 }
 
 /// The most bytes `parse` ever needs to decide: a larger hello is refused as `TooLarge`.
@@ -292,6 +330,8 @@ impl<'a> Reader<'a> {
 const RECORD_HEADER: usize = 5;
 /// RFC 8446 §5.1: a plaintext record carries at most 2^14 bytes.
 const MAX_RECORD: usize = 1 << 14;
+/// Real clients send the hello in one or two records; a hello in tiny records only costs us work.
+const MAX_RECORDS: usize = 32;
 /// Real hellos are 0.5-2 KiB (post-quantum key shares included); 64 KiB is generous.
 const MAX_HANDSHAKE: usize = 64 * 1024;
 const CONTENT_HANDSHAKE: u8 = 0x16;
