@@ -24,6 +24,8 @@ pub struct Loaded {
     pub tags_written: Option<SystemTime>,
     /// The files this policy was built from, for the reload watcher.
     pub files: Vec<PathBuf>,
+    /// `digest_files` of exactly the bytes this policy was built from.
+    pub digest: String,
 }
 
 /// Loads `path` (or the embedded preset), overrides `regions` when `regions` is not empty, and
@@ -55,14 +57,19 @@ pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErr
     let hash = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
 
     let tag_path = config.service_tags.file.as_ref().map(|f| config.relative_path(f.get_ref()));
-    let (files, tags_written) = match (&config.source.origin, tag_path) {
-        (Origin::Embedded, _) => (Vec::new(), tags_text.is_some().then(embedded_tags_written)),
+    let (files, tags_written, digest) = match (&config.source.origin, tag_path) {
+        (Origin::Embedded, _) => (Vec::new(), tags_text.is_some().then(embedded_tags_written), String::new()),
         (Origin::File(cfg), tag_path) => {
             let written = tag_path.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-            (std::iter::once(cfg.clone()).chain(tag_path).collect(), written)
+            let mut read = vec![(cfg.clone(), config.source.text.as_bytes().to_vec())];
+            if let (Some(p), Some(t)) = (&tag_path, &tags_text) {
+                read.push((p.clone(), t.as_bytes().to_vec()));
+            }
+            let digest = digest_pairs(read.iter().map(|(p, b)| (p.as_path(), b.as_slice())));
+            (read.into_iter().map(|(p, _)| p).collect(), written, digest)
         }
     };
-    Ok(Loaded { config, compiled, tags, hash, tags_written, files })
+    Ok(Loaded { config, compiled, tags, hash, tags_written, files, digest })
 }
 
 /// ServiceTags_Public_20251020.json, the source of the embedded tag data: 2025-10-20T00:00:00Z.
@@ -78,4 +85,23 @@ pub fn compile_with_tags(path: &Path, regions: &[String], tags: &TagTable) -> Re
         config.regions = regions.iter().map(|r| Spanned::new(0..0, r.clone())).collect();
     }
     compile(&config, tags)
+}
+
+/// A digest of files by path and contents, as read now from disk; equal to `Loaded::digest` while
+/// the files hold the bytes the policy was built from.
+pub fn digest_files(files: &[PathBuf]) -> String {
+    let read: Vec<(&Path, Vec<u8>)> =
+        files.iter().map(|f| (f.as_path(), std::fs::read(f).unwrap_or_default())).collect();
+    digest_pairs(read.iter().map(|(p, b)| (*p, b.as_slice())))
+}
+
+fn digest_pairs<'a>(pairs: impl Iterator<Item = (&'a Path, &'a [u8])>) -> String {
+    let mut d = Sha256::new();
+    for (path, bytes) in pairs {
+        d.update(path.as_os_str().as_encoded_bytes());
+        d.update([0]);
+        d.update((bytes.len() as u64).to_be_bytes());
+        d.update(bytes);
+    }
+    d.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

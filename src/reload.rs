@@ -10,14 +10,13 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors};
-use crate::load::{load, Loaded};
+use crate::load::{digest_files, load, Loaded};
 use crate::policy::HostName;
 use crate::proxy::State;
 
@@ -46,31 +45,47 @@ impl Default for PolicyInfo {
     }
 }
 
-/// Reloads the policy from where it was first loaded.
+/// Reloads the policy from where it was first loaded. Reloads are serialised: SIGHUP, the
+/// watcher, `POST /reload` and the service-tag refresh never interleave.
 pub struct Reloader {
     path: Option<PathBuf>,
     regions: Vec<String>,
     state: Arc<State>,
-    /// The files of the policy in force and a digest of their contents, for the watcher.
-    watched: Mutex<(Vec<PathBuf>, String)>,
+    busy: Mutex<()>,
+    watched: Mutex<Watched>,
+}
+
+/// The files of the last load attempt, a digest of what they held, and whether it failed.
+struct Watched {
+    files: Vec<PathBuf>,
+    digest: String,
+    failed_at: Option<Instant>,
 }
 
 impl Reloader {
-    pub fn new(path: Option<PathBuf>, regions: Vec<String>, state: Arc<State>, files: Vec<PathBuf>) -> Self {
-        let digest = digest_files(&files);
-        Self { path, regions, state, watched: Mutex::new((files, digest)) }
+    /// `digest` is `Loaded::digest` of the policy in force.
+    pub fn new(
+        path: Option<PathBuf>,
+        regions: Vec<String>,
+        state: Arc<State>,
+        files: Vec<PathBuf>,
+        digest: String,
+    ) -> Self {
+        let watched = Mutex::new(Watched { files, digest, failed_at: None });
+        Self { path, regions, state, busy: Mutex::new(()), watched }
     }
 
     /// Builds the whole new policy, then swaps it in; on error the old one stays.
     pub fn reload(&self) -> Result<String, ConfigErrors> {
-        let result = load(self.path.as_deref(), &self.regions);
+        let _one_at_a_time = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let metrics = &self.state.metrics;
-        match result {
+        match load(self.path.as_deref(), &self.regions) {
             Ok(loaded) => {
                 let hash = loaded.hash.clone();
                 warn_on_restart_only_changes(&self.state, &loaded.config);
                 if let Ok(mut w) = self.watched.lock() {
-                    *w = (loaded.files.clone(), digest_files(&loaded.files));
+                    // The digest of the bytes just loaded: a change made since is seen next poll.
+                    *w = Watched { files: loaded.files.clone(), digest: loaded.digest.clone(), failed_at: None };
                 }
                 apply(&self.state, loaded);
                 metrics.reloads.with_label_values(&["success"]).inc();
@@ -82,14 +97,22 @@ impl Reloader {
                 for e in &errors.0 {
                     tracing::error!(file = %e.file, line = e.line, field = %e.field, "Reload failed, the old policy stays in force: {}", e.msg);
                 }
+                if let Ok(mut w) = self.watched.lock() {
+                    // Not the same broken bytes again every poll; a retry now and then instead,
+                    // in case what was missing (a tag file the new config names) appears.
+                    w.digest = digest_files(&w.files);
+                    w.failed_at = Some(Instant::now());
+                }
                 Err(errors)
             }
         }
     }
 
-    /// True when a watched file's contents changed since the last load.
-    fn files_changed(&self) -> bool {
-        self.watched.lock().map(|w| !w.0.is_empty() && digest_files(&w.0) != w.1).unwrap_or(false)
+    /// True when a watched file changed since the last load, or a failed one is due a retry.
+    fn due(&self) -> bool {
+        let Ok(w) = self.watched.lock() else { return false };
+        let retry = w.failed_at.is_some_and(|t| t.elapsed() >= RETRY_FAILED);
+        retry || (!w.files.is_empty() && digest_files(&w.files) != w.digest)
     }
 }
 
@@ -155,14 +178,9 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, shutdown: Cancellat
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        if reloader.files_changed() {
+        if reloader.due() {
             tracing::info!("Policy files changed: reloading");
-            if reloader.reload().is_err() {
-                // Remember the broken contents so that the same error is not logged every poll.
-                if let Ok(mut w) = reloader.watched.lock() {
-                    w.1 = digest_files(&w.0);
-                }
-            }
+            let _ = reloader.reload();
         }
     }
 }
@@ -174,14 +192,8 @@ fn warn_on_restart_only_changes(state: &State, config: &Config) {
     }
 }
 
-fn digest_files(files: &[PathBuf]) -> String {
-    let mut d = Sha256::new();
-    for f in files {
-        d.update(f.as_os_str().as_encoded_bytes());
-        d.update(std::fs::read(f).unwrap_or_default());
-    }
-    d.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
+/// How often a failed reload is tried again while the files stay as they are.
+const RETRY_FAILED: Duration = Duration::from_secs(30);
 
 fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::server::conn::http1;
@@ -72,7 +73,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         let admin_addr = listen.admin;
         let origin = loaded.config.source.origin.to_string();
         let rules = loaded.compiled.policy.rules().len();
-        let files = loaded.files.clone();
+        let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
         let state = match state(loaded) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -98,7 +99,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
             }
         }
         let shutdown = CancellationToken::new();
-        let reloader = Arc::new(Reloader::new(args.config.clone(), args.regions.clone(), state.clone(), files));
+        let reloader = Arc::new(Reloader::new(args.config.clone(), args.regions.clone(), state.clone(), files, digest));
         tokio::spawn(signals(shutdown.clone()));
         tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
         tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
@@ -187,6 +188,7 @@ async fn accept_http(
                     tracker: tracker.clone(),
                     stop: stop.clone(),
                     guard: Arc::new(slot),
+                    requests: AtomicU64::new(0),
                 });
                 let span = tracing::info_span!("conn", client.addr = %client, listener = "http");
                 tracker.spawn(serve_http(stream, cx, shutdown.clone()).instrument(span));
@@ -224,7 +226,10 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
         }
     };
     if let Err(e) = result {
-        let refusal = if e.is_timeout() {
+        // hyper restarts the head timer when a kept-alive connection goes idle: a timeout after
+        // a served request is an idle client going away, not a slow request head.
+        let served = cx.requests.load(Ordering::Relaxed) > 0;
+        let refusal = if e.is_timeout() && !served {
             Some(Refusal::HeadTimeout)
         } else if e.is_parse() || e.is_parse_too_large() {
             Some(Refusal::BadRequest("malformed request"))

@@ -108,9 +108,9 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
     )
     .unwrap();
     let loaded = load(Some(&cfg), &[]).unwrap();
-    let files = loaded.files.clone();
+    let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
     let state = Arc::new(State::build(loaded).unwrap());
-    let reloader = Arc::new(Reloader::new(Some(cfg.clone()), Vec::new(), state.clone(), files));
+    let reloader = Arc::new(Reloader::new(Some(cfg.clone()), Vec::new(), state.clone(), files, digest));
     let config = Config::load(&cfg).unwrap();
     let refresher = Refresher::from_config(&config, Some(&cfg), &[], state.clone(), reloader).unwrap().unwrap();
 

@@ -43,10 +43,13 @@ pub struct ConnCx {
     pub stop: CancellationToken,
     /// Held by every task that serves this connection: the connection's slot in the limits.
     pub guard: Arc<dyn Send + Sync>,
+    /// Requests served on this connection so far.
+    pub requests: AtomicU64,
 }
 
 /// Serves one request.
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
+    cx.requests.fetch_add(1, Ordering::Relaxed);
     let policy = cx.state.policy.load_full();
     let id = cx.state.next_id();
     let method = req.method().clone();
@@ -161,12 +164,17 @@ fn has_body(headers: &HeaderMap) -> bool {
 /// An allowed destination, connected; its decision line is not written yet.
 struct Opened {
     upstream: TcpStream,
+    allowed: Allowed,
+}
+
+/// What the `allow` line of an opened connection says.
+struct Allowed {
     dest: Destination,
     addr: SocketAddr,
     rule: Option<RuleId>,
 }
 
-impl Opened {
+impl Allowed {
     /// Writes the `allow` decision line and returns the close record that will pair with it.
     fn allow(&self, cx: &ConnCx, policy: &Policy, id: u64, method: &str) -> CloseRecord {
         let rule = self.rule.map(|r| policy.rule_name(r).to_string());
@@ -193,6 +201,13 @@ impl Opened {
     }
 }
 
+impl Allowed {
+    /// The destination as a request target, for a refusal's audit line.
+    fn target(&self) -> Target {
+        Target { raw: self.dest.host.to_string(), dest: Ok(self.dest.clone()) }
+    }
+}
+
 /// Decides, resolves, checks and dials the target.
 async fn open(cx: &Arc<ConnCx>, policy: &Policy, target: &Target) -> Result<Opened, Refusal> {
     let dest = target.dest.clone()?;
@@ -201,7 +216,7 @@ async fn open(cx: &Arc<ConnCx>, policy: &Policy, target: &Target) -> Result<Open
     let dialling = Instant::now();
     let (upstream, addr) = dial(&permit, state.limits.connect_timeout).await?;
     state.metrics.connect_duration.with_label_values(&["http"]).observe(dialling.elapsed().as_secs_f64());
-    Ok(Opened { upstream, dest, addr, rule: permit.rule_for(addr) })
+    Ok(Opened { upstream, allowed: Allowed { dest, addr, rule: permit.rule_for(addr) } })
 }
 
 async fn connect(
@@ -217,32 +232,34 @@ async fn connect(
     cx.tracker.clone().spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
-            Err(e) => return tracing::debug!(id, error = %e, "CONNECT upgrade failed"),
+            Err(e) => {
+                tracing::debug!(id, error = %e, "CONNECT upgrade failed");
+                let refusal = Refusal::BadRequest("the client left before the tunnel opened");
+                return record_refusal(&cx, &policy, id, "CONNECT", &opened.allowed.target(), &refusal);
+            }
         };
         // The client's own socket, and the bytes hyper read past the CONNECT head.
         let (client, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
             Err(_) => return tracing::error!(id, "CONNECT upgrade is not a TCP socket; closing"),
         };
-        let Opened { upstream, .. } = &opened;
-        let rule = opened.rule.and_then(|r| policy.rule(r));
+        let Opened { mut upstream, allowed } = opened;
+        let rule = allowed.rule.and_then(|r| policy.rule(r));
         let (sni_check, allow_ech) = rule.map_or((true, false), |r| (r.sni_check, r.allow_ech));
         let first = if sni_check || !allow_ech {
-            let name = opened.dest.host.name().filter(|_| sni_check);
+            let name = allowed.dest.host.name().filter(|_| sni_check);
             let wait = cx.state.limits.request_head_timeout;
-            match inspect_hello(&client, upstream, early, name, allow_ech, wait).await {
+            match inspect_hello(&client, &upstream, early, name, allow_ech, wait).await {
                 Ok(first) => first,
                 Err(reason) => {
-                    let target = Target { raw: opened.dest.host.to_string(), dest: Ok(opened.dest.clone()) };
-                    let refusal = Refusal::Policy { reason, rule: opened.rule };
-                    return record_refusal(&cx, &policy, id, "CONNECT", &target, &refusal);
+                    let refusal = Refusal::Policy { reason, rule: allowed.rule };
+                    return record_refusal(&cx, &policy, id, "CONNECT", &allowed.target(), &refusal);
                 }
             }
         } else {
             early
         };
-        let close = opened.allow(&cx, &policy, id, "CONNECT");
-        let Opened { mut upstream, .. } = opened;
+        let close = allowed.allow(&cx, &policy, id, "CONNECT");
         if upstream.write_all(&first).await.is_err() {
             return;
         }
@@ -320,9 +337,8 @@ async fn forward(
     target: &Target,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let method = req.method().clone();
-    let opened = open(cx, policy, target).await?;
-    let close = opened.allow(cx, policy, id, method.as_str());
-    let upstream = opened.upstream;
+    let Opened { upstream, allowed } = open(cx, policy, target).await?;
+    let up = Arc::new(AtomicU64::new(0));
 
     // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
     let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
@@ -331,8 +347,7 @@ async fn forward(
     strip_hop_by_hop(req.headers_mut());
     let host_value = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
     req.headers_mut().insert(header::HOST, host_value);
-    let up = Arc::clone(&close.up);
-    let req = req.map(|b| Counted::new(b, up, None).boxed());
+    let req = req.map(|b| Counted::new(b, Arc::clone(&up), None).boxed());
 
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
@@ -347,6 +362,9 @@ async fn forward(
         .await
         .map_err(|_| Refusal::UpstreamTimeout)?
         .map_err(|_| Refusal::UpstreamProtocol)?;
+    // Allowed and answered: only now the `allow` line, so that a failed exchange has one line.
+    let mut close = allowed.allow(cx, policy, id, method.as_str());
+    close.up = up;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let down = Arc::clone(&close.down);

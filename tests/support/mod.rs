@@ -59,14 +59,14 @@ impl TestProxy {
         let config = dir.path().join("proxy.toml");
         std::fs::write(&config, text).unwrap();
         let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
-        let files = loaded.files.clone();
+        let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
         let state = Arc::new(server::state(loaded).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files));
+        let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files, digest));
         tokio::spawn(reload::watch(reloader.clone(), Duration::from_millis(100), shutdown.clone()));
         let listeners = Listeners { http: Some(listener), admin: Some(admin) };
         let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
