@@ -35,6 +35,17 @@ enum Command {
     Validate(ConfigArgs),
     /// List the tags of a Service Tags file, or the prefixes of the named tags.
     ServiceTags(ServiceTagsArgs),
+    /// Render the policy's nftables ruleset (TCP redirects, UDP rules, DNS, drops) to stdout.
+    Nft(NftArgs),
+}
+
+#[derive(Debug, Args)]
+struct NftArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// `gateway` (a subnet routes through this machine) or `sidecar` (on the node itself).
+    #[arg(long, value_enum)]
+    shape: crate::nft::Shape,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +90,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Check(args)) => check(args),
         Some(Command::Validate(args)) => validate(args),
         Some(Command::ServiceTags(args)) => service_tags(args),
+        Some(Command::Nft(args)) => match load_or_report(&args.config) {
+            Ok(l) => {
+                print!("{}", crate::nft::render(&l.compiled.policy, &l.config, args.shape));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
     }
 }
 

@@ -45,8 +45,32 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub nftables: NftablesConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// Settings for `egress-proxy nft`, which renders the policy's packet-filter layer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftablesConfig {
+    /// The proxy's own user id, exempt from redirection in the sidecar shape.
+    #[serde(default = "proxy_uid")]
+    pub proxy_uid: u32,
+    /// DNS resolvers the nodes may query over UDP/TCP 53.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+}
+
+impl Default for NftablesConfig {
+    fn default() -> Self {
+        Self { proxy_uid: proxy_uid(), dns: Vec::new() }
+    }
+}
+
+fn proxy_uid() -> u32 {
+    65_532
 }
 
 #[derive(Debug, Default, Deserialize)]

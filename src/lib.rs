@@ -13,6 +13,7 @@
 //! - `reload`: SIGHUP, file watch and `POST /reload` build a whole new policy, then swap it in.
 //! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
+//! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
 //! - `metrics`: the Prometheus catalogue over an owned registry; moved by audit events.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
 //! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod denied;
 pub mod load;
 pub mod metrics;
+pub mod nft;
 pub mod policy;
 pub mod proxy;
 pub mod refresh;

@@ -33,8 +33,19 @@ pub struct Warning {
 
 /// Compiles a configuration against a service-tag table.
 pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigErrors> {
-    let Config { regions, storage_accounts, listen: _, service_tags, rules, safety, resolve, audit: _, limits, source } =
-        config;
+    let Config {
+        regions,
+        storage_accounts,
+        listen: _,
+        service_tags,
+        rules,
+        safety,
+        resolve,
+        audit: _,
+        limits,
+        nftables: _,
+        source,
+    } = config;
     let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
 
     // Not policy, but checked here so that every error in the file is reported at once.
