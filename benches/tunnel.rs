@@ -91,7 +91,12 @@ async fn proxy(origin: SocketAddr, dir: &std::path::Path) -> SocketAddr {
     let state = Arc::new(server::state(load(Some(&cfg), &[]).unwrap()).unwrap());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(Listeners { http: Some(l), admin: None }, state, None, CancellationToken::new()));
+    tokio::spawn(server::run(
+        Listeners { http: Some(l), ..Listeners::default() },
+        state,
+        None,
+        CancellationToken::new(),
+    ));
     addr
 }
 

@@ -91,6 +91,12 @@ pub struct Decided<'a> {
     pub decision: Verdict,
     pub rule: Option<&'a str>,
     pub reason: Option<&'a str>,
+    /// Where a redirected connection was going (transparent listeners).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<SocketAddr>,
+    /// Something the operator should know about an allowed connection (`original_dst_mismatch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'a str>,
 }
 
 /// The end of an allowed connection.

@@ -47,8 +47,29 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub nftables: NftablesConfig,
+    #[serde(default)]
+    pub transparent: TransparentConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// Settings of the transparent listeners (`[listen] tls`, `plain`, `catch_all`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// What to do when a redirected connection's original destination is not among the addresses
+    /// its server name resolves to: `log` (audit it, and dial the name's own address) or `deny`.
+    #[serde(default)]
+    pub original_dst_mismatch: Mismatch,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mismatch {
+    /// CDN answers rotate; a strict check refuses good connections (a known Squid complaint).
+    #[default]
+    Log,
+    Deny,
 }
 
 /// Settings for `egress-proxy nft`, which renders the policy's packet-filter layer.

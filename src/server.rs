@@ -25,7 +25,7 @@ use crate::cli::{load_or_report, ConfigArgs};
 use crate::config::Config;
 use crate::load::Loaded;
 use crate::proxy::http::{handle, refusal_response, ConnCx};
-use crate::proxy::{Limits, Refusal, State};
+use crate::proxy::{transparent, Limits, Refusal, State};
 use crate::refresh::Refresher;
 use crate::reload::{self, Reloader};
 
@@ -33,6 +33,9 @@ use crate::reload::{self, Reloader};
 #[derive(Default)]
 pub struct Listeners {
     pub http: Option<TcpListener>,
+    pub tls: Option<TcpListener>,
+    pub plain: Option<TcpListener>,
+    pub catch_all: Option<TcpListener>,
     pub admin: Option<TcpListener>,
 }
 
@@ -60,17 +63,17 @@ pub fn main(args: ConfigArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let listen = &loaded.config.listen;
-        let unserved = [("tls", listen.tls), ("plain", listen.plain), ("catch_all", listen.catch_all)];
-        if let Some((name, _)) = unserved.iter().find(|(_, a)| a.is_some()) {
-            // Refuse to start rather than leave a configured listener silently unserved.
-            tracing::error!(listener = name, "This build does not serve [listen] {name} yet");
+        if [listen.http, listen.tls, listen.plain, listen.catch_all].iter().all(Option::is_none) {
+            tracing::error!("No listener is configured: set [listen] http (or tls, plain, catch_all)");
             return ExitCode::from(2);
         }
-        let Some(http_addr) = listen.http else {
-            tracing::error!("No listener is configured: set [listen] http");
-            return ExitCode::from(2);
-        };
-        let admin_addr = listen.admin;
+        let wanted = [
+            ("http", listen.http),
+            ("tls", listen.tls),
+            ("plain", listen.plain),
+            ("catch_all", listen.catch_all),
+            ("admin", listen.admin),
+        ];
         let origin = loaded.config.source.origin.to_string();
         let rules = loaded.compiled.policy.rules().len();
         let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
@@ -82,9 +85,14 @@ pub fn main(args: ConfigArgs) -> ExitCode {
             }
         };
         let mut listeners = Listeners::default();
-        for (name, addr, slot) in
-            [("http", Some(http_addr), &mut listeners.http), ("admin", admin_addr, &mut listeners.admin)]
-        {
+        let slots = [
+            &mut listeners.http,
+            &mut listeners.tls,
+            &mut listeners.plain,
+            &mut listeners.catch_all,
+            &mut listeners.admin,
+        ];
+        for ((name, addr), slot) in wanted.into_iter().zip(slots) {
             let Some(addr) = addr else { continue };
             match TcpListener::bind(addr).await {
                 Ok(l) => {
@@ -135,6 +143,15 @@ pub async fn run(
     let stop = CancellationToken::new();
     let admission = Arc::new(Admission::new(&state.limits));
     let mut accepts = Vec::new();
+    for (kind, listener) in
+        [(Listener::Tls, listeners.tls), (Listener::Plain, listeners.plain), (Listener::CatchAll, listeners.catch_all)]
+    {
+        if let Some(l) = listener {
+            let (state, tracker, stop, shutdown, admission) =
+                (state.clone(), tracker.clone(), stop.clone(), shutdown.clone(), admission.clone());
+            accepts.push(tokio::spawn(accept_redirected(kind, l, state, tracker, stop, shutdown, admission)));
+        }
+    }
     if let Some(l) = listeners.http {
         let (state, tracker, stop, shutdown, admission) =
             (state.clone(), tracker.clone(), stop.clone(), shutdown.clone(), admission.clone());
@@ -203,6 +220,59 @@ async fn accept_http(
     }
 }
 
+/// Accepts redirected connections for one transparent listener.
+async fn accept_redirected(
+    kind: Listener,
+    listener: TcpListener,
+    state: Arc<State>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+    admission: Arc<Admission>,
+) {
+    loop {
+        let (stream, client) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = admission.admit(client.ip()) else {
+            record_connection_refusal(&state, client, kind, &Refusal::ConnectionLimit);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            continue;
+        };
+        let Some(original_dst) = original_dst(&stream) else {
+            record_connection_refusal(&state, client, kind, &Refusal::NoOriginalDst);
+            continue;
+        };
+        let cx = Arc::new(ConnCx {
+            state: state.clone(),
+            client,
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+            guard: Arc::new(slot),
+            requests: AtomicU64::new(0),
+        });
+        let span =
+            tracing::info_span!("conn", client.addr = %client, listener = kind.as_str(), dst.orig = %original_dst);
+        tracker.spawn(transparent::serve(kind, stream, original_dst, cx).instrument(span));
+    }
+}
+
+/// Where a redirected connection was going (SO_ORIGINAL_DST, IPv4 and IPv6).
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let addr = if local.is_ipv4() { sock.original_dst() } else { sock.original_dst_ipv6() };
+    addr.ok()?.as_socket()
+}
+
 fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
@@ -237,7 +307,7 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
             None
         };
         match refusal {
-            Some(r) => record_connection_refusal(&cx.state, cx.client, &r),
+            Some(r) => record_connection_refusal(&cx.state, cx.client, Listener::Http, &r),
             None => tracing::debug!(error = %e, "Connection ended with an error"),
         }
     }
@@ -245,18 +315,18 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
 
 /// Answers 503 to a client over a limit, then closes.
 async fn reject(stream: TcpStream, client: SocketAddr, state: Arc<State>, _permit: OwnedSemaphorePermit) {
-    record_connection_refusal(&state, client, &Refusal::ConnectionLimit);
+    record_connection_refusal(&state, client, Listener::Http, &Refusal::ConnectionLimit);
     let svc =
         service_fn(|_req| async { Ok::<_, std::convert::Infallible>(refusal_response(&Refusal::ConnectionLimit)) });
     let _ = http1_builder(&state.limits).keep_alive(false).serve_connection(TokioIo::new(stream), svc).await;
 }
 
 /// An audit line for a refusal that has no request to speak of: a slow or malformed head, a limit.
-fn record_connection_refusal(state: &State, client: SocketAddr, r: &Refusal) {
+fn record_connection_refusal(state: &State, client: SocketAddr, listener: Listener, r: &Refusal) {
     state.audit.decided(&Decided {
         id: state.next_id(),
         client,
-        listener: Listener::Http,
+        listener,
         method: None,
         host: None,
         port: None,
@@ -264,6 +334,8 @@ fn record_connection_refusal(state: &State, client: SocketAddr, r: &Refusal) {
         decision: Verdict::Deny,
         rule: None,
         reason: Some(r.reason()),
+        original_dst: None,
+        note: None,
     });
     tracing::info!(client.addr = %client, reason = r.reason(), "Connection refused");
 }

@@ -44,6 +44,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         audit: _,
         limits,
         nftables: _,
+        transparent: _,
         source,
     } = config;
     let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };

@@ -190,10 +190,20 @@ impl Allowed {
             decision: Verdict::Allow,
             rule: rule.as_deref(),
             reason: None,
+            original_dst: None,
+            note: None,
         });
         CloseRecord {
             state: Arc::clone(&cx.state),
-            closed: OwnedClosed { id, client: cx.client, host, port: self.dest.port, addr: self.addr, rule },
+            closed: OwnedClosed {
+                listener: Listener::Http,
+                id,
+                client: cx.client,
+                host,
+                port: self.dest.port,
+                addr: self.addr,
+                rule,
+            },
             up: Arc::new(AtomicU64::new(0)),
             down: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
@@ -386,6 +396,8 @@ fn record_refusal(cx: &ConnCx, policy: &Policy, id: u64, method: &str, target: &
         decision: refusal.verdict(),
         rule: refusal.rule().map(|r| policy.rule_name(r)),
         reason: Some(refusal.reason()),
+        original_dst: None,
+        note: None,
     });
     tracing::info!(id, client.addr = %cx.client, dst.host = %host, reason = refusal.reason(), "Refused");
 }
@@ -446,23 +458,24 @@ fn millis(since: Instant) -> u64 {
 
 // === forwarding bookkeeping ===
 
-struct OwnedClosed {
-    id: u64,
-    client: SocketAddr,
-    host: String,
-    port: u16,
-    addr: SocketAddr,
-    rule: Option<String>,
+pub(crate) struct OwnedClosed {
+    pub(crate) listener: Listener,
+    pub(crate) id: u64,
+    pub(crate) client: SocketAddr,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) addr: SocketAddr,
+    pub(crate) rule: Option<String>,
 }
 
 /// Writes the close line of an allowed connection when it is dropped: at the end of a tunnel, or
 /// when a forwarded response body is done or abandoned.
-struct CloseRecord {
-    state: Arc<State>,
-    closed: OwnedClosed,
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
-    started: Instant,
+pub(crate) struct CloseRecord {
+    pub(crate) state: Arc<State>,
+    pub(crate) closed: OwnedClosed,
+    pub(crate) up: Arc<AtomicU64>,
+    pub(crate) down: Arc<AtomicU64>,
+    pub(crate) started: Instant,
 }
 
 impl Drop for CloseRecord {
@@ -471,7 +484,7 @@ impl Drop for CloseRecord {
         self.state.audit.closed(&Closed {
             id: c.id,
             client: c.client,
-            listener: Listener::Http,
+            listener: c.listener,
             host: Some(&c.host),
             port: Some(c.port),
             dst_addr: Some(c.addr),

@@ -7,6 +7,7 @@ pub mod dial;
 pub mod http;
 pub mod refusal;
 mod splice;
+pub mod transparent;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use crate::audit::Audit;
 use crate::config;
 use crate::load::Loaded;
 use crate::metrics::Metrics;
-use crate::policy::{Decision, Destination, Host, Policy, Query, RuleId};
+use crate::policy::{fold_mapped, Decision, Destination, Host, HostName, Policy, Query, RuleId};
 use crate::reload::{apply, PolicyInfo};
 use crate::resolve::Resolver;
 pub use refusal::Refusal;
@@ -34,6 +35,8 @@ pub struct State {
     pub audit: Audit,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// `[transparent] original_dst_mismatch`.
+    pub mismatch: config::Mismatch,
     /// Every configured listener is bound and accepting.
     pub ready: AtomicBool,
     next_id: AtomicU64,
@@ -75,6 +78,7 @@ impl State {
             audit,
             metrics,
             limits: Limits::from(&config.limits),
+            mismatch: config.transparent.original_dst_mismatch,
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         };
@@ -103,6 +107,11 @@ impl From<&config::Limits> for Limits {
 }
 
 impl Permit {
+    /// The rule that allowed the first address.
+    pub fn first_rule(&self) -> Option<RuleId> {
+        self.addrs.first().map(|(_, r)| *r)
+    }
+
     /// The rule that allowed `addr`.
     pub fn rule_for(&self, addr: SocketAddr) -> Option<RuleId> {
         self.addrs.iter().find(|(a, _)| *a == addr).map(|(_, r)| *r)
@@ -142,5 +151,50 @@ pub async fn authorize(
         (true, Some(refusal)) => Err(refusal),
         (true, None) => Err(Refusal::ResolveFailed),
         (false, _) => Ok(Permit { addrs }),
+    }
+}
+
+/// What the transparent listeners learned about a connection before deciding it.
+pub struct Redirected<'a> {
+    /// The server name (TLS SNI or HTTP Host), when the client sent one.
+    pub name: Option<&'a HostName>,
+    /// Where the client was going before the redirect.
+    pub original_dst: SocketAddr,
+    pub client: IpAddr,
+}
+
+/// Decides a redirected connection. A name allowed by a host rule is resolved by the proxy and
+/// dialled at its own addresses, never at the original destination on trust; when the original
+/// destination is not among them, `mismatch` decides (`log`: go on, and say so; `deny`:
+/// `sni_mismatch`). Without a name, or when no host rule allows it, the original destination is
+/// decided against address rules and, if allowed, dialled.
+pub async fn authorize_redirected(
+    policy: &Policy,
+    resolver: &Resolver,
+    r: &Redirected<'_>,
+    mismatch: config::Mismatch,
+) -> Result<(Permit, bool), Refusal> {
+    let port = r.original_dst.port();
+    let by_name =
+        r.name.map(|name| (name, policy.decide(&Query { name: Some(name), addr: None, port, source: Some(r.client) })));
+    if let Some((name, Decision::Allow { .. })) = by_name {
+        let dest = Destination { host: Host::Name(name.clone()), port };
+        let permit = authorize(policy, resolver, &dest, r.client).await?;
+        let matched = permit.addrs.iter().any(|(a, _)| a.ip() == fold_mapped(r.original_dst.ip()));
+        if !matched && mismatch == config::Mismatch::Deny {
+            return Err(Refusal::Policy { reason: crate::policy::DenyReason::SniMismatch, rule: None });
+        }
+        return Ok((permit, !matched));
+    }
+    // A deny rule on the name wins over any address rule.
+    if let Some((_, Decision::Deny { reason: reason @ crate::policy::DenyReason::DeniedByRule, rule })) = by_name {
+        return Err(Refusal::Policy { reason, rule });
+    }
+    let q = Query { name: None, addr: Some(fold_mapped(r.original_dst.ip())), port, source: Some(r.client) };
+    match (policy.decide(&q), by_name) {
+        (Decision::Allow { rule }, _) => Ok((Permit { addrs: vec![(r.original_dst, rule)] }, false)),
+        // The name's own refusal says more than the address's `no_rule`.
+        (_, Some((_, Decision::Deny { reason, rule }))) => Err(Refusal::Policy { reason, rule }),
+        (Decision::Deny { reason, rule }, _) => Err(Refusal::Policy { reason, rule }),
     }
 }

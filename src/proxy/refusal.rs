@@ -25,12 +25,16 @@ pub enum Refusal {
     UpstreamTimeout,
     /// The upstream answered with something that is not HTTP.
     UpstreamProtocol,
+    /// A redirected connection to a port no transparent listener serves: reset and logged.
+    CatchAll,
+    /// A redirected connection whose original destination cannot be read.
+    NoOriginalDst,
 }
 
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Policy { .. } => StatusCode::FORBIDDEN,
+            Self::Policy { .. } | Self::CatchAll | Self::NoOriginalDst => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
@@ -50,13 +54,20 @@ impl Refusal {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamProtocol => "upstream_protocol_error",
+            Self::CatchAll => "catch_all",
+            Self::NoOriginalDst => "no_original_destination",
         }
     }
 
     /// `deny` when the proxy refused, `fail` when the policy allowed but the upstream failed.
     pub fn verdict(&self) -> Verdict {
         match self {
-            Self::Policy { .. } | Self::BadRequest(_) | Self::HeadTimeout | Self::ConnectionLimit => Verdict::Deny,
+            Self::Policy { .. }
+            | Self::BadRequest(_)
+            | Self::HeadTimeout
+            | Self::ConnectionLimit
+            | Self::CatchAll
+            | Self::NoOriginalDst => Verdict::Deny,
             Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamProtocol => {
                 Verdict::Fail
             }

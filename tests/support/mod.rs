@@ -68,7 +68,7 @@ impl TestProxy {
         let shutdown = CancellationToken::new();
         let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files, digest));
         tokio::spawn(reload::watch(reloader.clone(), Duration::from_millis(100), shutdown.clone()));
-        let listeners = Listeners { http: Some(listener), admin: Some(admin) };
+        let listeners = Listeners { http: Some(listener), admin: Some(admin), ..Listeners::default() };
         let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
         Self { addr, admin_addr, config, state, audit_path, shutdown, done, dir }
     }

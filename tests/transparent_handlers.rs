@@ -1,0 +1,209 @@
+//! The transparent listeners' handlers on loopback, with the original destination handed in as
+//! SO_ORIGINAL_DST would give it (the nftables redirect itself is exercised in network namespaces).
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use egress_proxy::audit::Listener;
+use egress_proxy::load::load;
+use egress_proxy::proxy::http::ConnCx;
+use egress_proxy::proxy::{transparent, State};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct Harness {
+    state: Arc<State>,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(port: u16, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let cfg = dir.path().join("p.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{extra}\n\
+                 [resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\"evil.example.com\" = [\"127.0.0.1\"]\n\
+                 [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{port}]\n\
+                 [[rule]]\nname = \"loopback\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\n",
+                audit.display().to_string()
+            ),
+        )
+        .unwrap();
+        let state = Arc::new(State::build(load(Some(&cfg), &[]).unwrap()).unwrap());
+        Self { state, audit, _dir: dir }
+    }
+
+    /// A client connection whose server side is served by `listener` as if redirected from `original_dst`.
+    async fn connect(&self, listener: Listener, original_dst: SocketAddr) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = l.accept().await.unwrap();
+        let cx = Arc::new(ConnCx {
+            state: self.state.clone(),
+            client: peer,
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            guard: Arc::new(()),
+            requests: AtomicU64::new(0),
+        });
+        tokio::spawn(transparent::serve(listener, server, original_dst, cx));
+        client
+    }
+
+    async fn audit(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let lines = read_audit(&self.audit);
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("fewer than {n} audit lines: {:#?}", read_audit(&self.audit));
+    }
+}
+
+async fn https_get(stream: TcpStream, sni: &str, ca_pem: &str) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await?;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn tls_listener_dials_the_names_own_address_and_audits_a_mismatch() {
+    let origin = TlsOrigin::start(&["ml.azure.com", "evil.example.com"]).await;
+    let port = origin.addr.port();
+    let h = Harness::new(port, "");
+    let honest: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let elsewhere: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+
+    let page = https_get(h.connect(Listener::Tls, honest).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    assert!(page.ends_with("hello from ml.azure.com"), "{page}");
+    // The client aimed at another address: it reaches ml.azure.com's own address, audited.
+    let page = https_get(h.connect(Listener::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    assert!(page.ends_with("hello from ml.azure.com"), "{page}");
+    // A refused name is reset before anything is sent anywhere.
+    let refused = https_get(h.connect(Listener::Tls, elsewhere).await, "evil.example.com", &origin.ca_pem).await;
+    assert!(refused.is_err());
+
+    let lines = h.audit(5).await;
+    let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
+    assert_eq!(
+        (d[0]["listener"].as_str(), d[0]["rule"].as_str(), d[0]["note"].is_null()),
+        (Some("tls"), Some("azureml"), true)
+    );
+    assert_eq!(d[1]["original_dst"], elsewhere.to_string());
+    assert_eq!(d[1]["dst_addr"], honest.to_string());
+    assert_eq!(d[1]["note"], "original_dst_mismatch");
+    assert_eq!((d[2]["decision"].as_str(), d[2]["reason"].as_str()), (Some("deny"), Some("no_rule")));
+}
+
+#[tokio::test]
+async fn an_address_rule_allows_an_unknown_name_but_never_a_denied_one() {
+    let origin = TlsOrigin::start(&["evil.example.com", "blocked.example.com"]).await;
+    let port = origin.addr.port();
+    let deny = format!(
+        "[[rule]]\nname = \"no-blocked\"\naction = \"deny\"\nhosts = [\"blocked.example.com\"]\nports = [{port}]\n"
+    );
+    let h = Harness::new(port, &deny);
+    let to_loopback: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // No host rule names evil.example.com, but the address rule allows its original destination.
+    let page =
+        https_get(h.connect(Listener::Tls, to_loopback).await, "evil.example.com", &origin.ca_pem).await.unwrap();
+    assert!(page.ends_with("hello from evil.example.com"));
+    assert!(https_get(h.connect(Listener::Tls, to_loopback).await, "blocked.example.com", &origin.ca_pem)
+        .await
+        .is_err());
+    let lines = h.audit(3).await;
+    let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
+    assert_eq!(d[0]["rule"], "loopback");
+    assert_eq!((d[1]["reason"].as_str(), d[1]["rule"].as_str()), (Some("denied_by_rule"), Some("no-blocked")));
+}
+
+#[tokio::test]
+async fn original_dst_mismatch_deny_refuses() {
+    let origin = TlsOrigin::start(&["ml.azure.com"]).await;
+    let port = origin.addr.port();
+    let h = Harness::new(port, "[transparent]\noriginal_dst_mismatch = \"deny\"\n");
+    let elsewhere: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    assert!(https_get(h.connect(Listener::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.is_err());
+    assert_eq!(h.audit(1).await[0]["reason"], "sni_mismatch");
+}
+
+#[tokio::test]
+async fn without_sni_the_original_destination_is_decided_on_address_rules() {
+    let origin = TlsOrigin::start(&["127.0.0.1"]).await;
+    let port = origin.addr.port();
+    let h = Harness::new(port, "");
+    // rustls sends no SNI for an IP address.
+    let page = https_get(h.connect(Listener::Tls, origin.addr).await, "127.0.0.1", &origin.ca_pem).await.unwrap();
+    assert!(page.ends_with("hello from -"), "{page}");
+    let d = &h.audit(1).await[0];
+    assert_eq!((d["rule"].as_str(), d["host"].as_str()), (Some("loopback"), Some("127.0.0.1")));
+}
+
+#[tokio::test]
+async fn plain_listener_decides_on_the_host_header() {
+    let origin = http_origin().await;
+    let h = Harness::new(origin.port(), "");
+    let mut c = h.connect(Listener::Plain, origin).await;
+    c.write_all(
+        format!("GET / HTTP/1.1\r\nHost: ml.azure.com:{}\r\nConnection: close\r\n\r\n", origin.port()).as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("hello from plain"), "{out}");
+    drop(c); // ends the tunnel, which writes its close line
+             // Not allowed by name, and the original destination is outside the address rule.
+    let elsewhere: SocketAddr = format!("127.0.0.2:{}", origin.port()).parse().unwrap();
+    let mut c = h.connect(Listener::Plain, elsewhere).await;
+    c.write_all(b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out).await;
+    assert!(out.is_empty(), "refused without an answer");
+    let lines = h.audit(3).await;
+    let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
+    assert_eq!((d[0]["listener"].as_str(), d[0]["rule"].as_str()), (Some("plain"), Some("azureml")));
+    assert_eq!((d[1]["reason"].as_str(), d[1]["host"].as_str()), (Some("no_rule"), Some("evil.example.com")));
+}
+
+#[tokio::test]
+async fn catch_all_resets_and_logs_the_original_destination() {
+    let h = Harness::new(443, "");
+    let dst: SocketAddr = "127.0.0.9:22".parse().unwrap();
+    let mut c = h.connect(Listener::CatchAll, dst).await;
+    let mut out = Vec::new();
+    let read = c.read_to_end(&mut out).await;
+    assert!(read.is_err() || out.is_empty());
+    let d = &h.audit(1).await[0];
+    assert_eq!((d["listener"].as_str(), d["reason"].as_str()), (Some("catch_all"), Some("catch_all")));
+    assert_eq!(d["original_dst"], "127.0.0.9:22");
+}
