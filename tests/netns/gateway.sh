@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The gateway shape across three network namespaces of its own (client, gateway, origin), with the
+# nftables ruleset `egress-proxy nft --shape gateway` renders. Needs root. Usage: gateway.sh BIN
+# Every address is in 10.77.0.0/16 inside namespaces this script creates and deletes.
+set -euo pipefail
+BIN="$1"
+here="$(cd "$(dirname "$0")" && pwd)"
+work="$(mktemp -d)"
+pids=()
+passed=0
+failed=0
+ns() { local n="$1"; shift; ip netns exec "ep-$n" "$@"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for n in client gw origin; do ip netns del "ep-$n" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+check() { # check NAME COMMAND...
+  local name="$1"; shift
+  if "$@"; then echo "ok     $name"; passed=$((passed + 1)); else echo "FAILED $name"; failed=$((failed + 1)); fi
+}
+
+for n in client gw origin; do ip netns del "ep-$n" 2>/dev/null || true; ip netns add "ep-$n"; ns "$n" ip link set lo up; done
+ip link add c0 netns ep-client type veth peer name g0 netns ep-gw
+ip link add g1 netns ep-gw type veth peer name o0 netns ep-origin
+ns client ip addr add 10.77.1.2/24 dev c0; ns client ip link set c0 up; ns client ip route add default via 10.77.1.1
+ns gw ip addr add 10.77.1.1/24 dev g0; ns gw ip link set g0 up
+ns gw ip addr add 10.77.2.1/24 dev g1; ns gw ip link set g1 up
+ns gw sysctl -q -w net.ipv4.ip_forward=1
+ns origin ip addr add 10.77.2.2/24 dev o0; ns origin ip addr add 10.77.2.3/24 dev o0; ns origin ip link set o0 up
+ns origin ip route add default via 10.77.2.1
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=egress-proxy-test \
+  -addext "subjectAltName=DNS:ml.azure.com,DNS:evil.example.com" \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+head -c 10485760 /dev/urandom > "$work/big"
+# `ip netns exec` (not the `ns` function) in the background, so that $! is the process itself.
+origin() { ip netns exec ep-origin python3 "$here/origin.py" "$@" >/dev/null 2>&1 & pids+=($!); }
+origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
+origin https 10.77.2.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
+origin tcp 10.77.2.3 22 "$work/reached"
+origin udp 10.77.2.2 443 "$work/reached"
+
+config() { # config MISMATCH
+  cat > "$work/policy.toml" <<TOML
+[listen]
+tls = "0.0.0.0:3129"
+plain = "0.0.0.0:3130"
+catch_all = "0.0.0.0:3131"
+[audit]
+path = "$work/audit.jsonl"
+[safety]
+allow_internal = ["10.77.0.0/16"]
+[transparent]
+original_dst_mismatch = "$1"
+[resolve.static]
+"ml.azure.com" = ["10.77.2.2"]
+"evil.example.com" = ["10.77.2.3"]
+[[rule]]
+name = "azureml"
+action = "allow"
+hosts = ["ml.azure.com"]
+ports = [443]
+TOML
+}
+start_proxy() {
+  ip netns exec ep-gw "$BIN" run --config "$work/policy.toml" >/dev/null 2>>"$work/proxy.log" &
+  proxy=$!
+  pids+=("$proxy")
+  for _ in $(seq 100); do
+    if ns gw bash -c 'exec 3<>/dev/tcp/127.0.0.1/3129' 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "the proxy did not start:"; cat "$work/proxy.log"; return 1
+}
+audit_has() { grep -q "$1" "$work/audit.jsonl"; }
+curl_to() { # curl_to NAME ADDR PATH
+  ns client curl -sS --max-time 10 --cacert "$work/cert.pem" --resolve "$1:443:$2" "https://$1$3"
+}
+
+config log
+"$BIN" nft --config "$work/policy.toml" --shape gateway > "$work/gateway.nft"
+ns gw nft -f "$work/gateway.nft"
+start_proxy
+for _ in $(seq 100); do # the origins
+  ns origin bash -c 'exec 3<>/dev/tcp/10.77.2.3/443' 2>/dev/null && ns origin bash -c 'exec 3<>/dev/tcp/10.77.2.2/443' 2>/dev/null && break
+  sleep 0.05
+done
+
+big_sum="$(curl_to ml.azure.com 10.77.2.2 /big | sha256sum | cut -d' ' -f1)"
+check "10 MB through the tls listener arrives intact" [ "$big_sum" = "$(sha256sum < "$work/big" | cut -d' ' -f1)" ]
+check "refused name is refused" bash -c "! ip netns exec ep-client curl -sS --max-time 5 --cacert '$work/cert.pem' --resolve evil.example.com:443:10.77.2.3 https://evil.example.com/ >/dev/null 2>&1"
+check "refused name is audited" audit_has '"host":"evil.example.com","port":443,"dst_addr":null,"decision":"deny","rule":null,"reason":"no_rule"'
+check "allowed SNI sent to the refused server's address reaches the name's own server" [ "$(curl_to ml.azure.com 10.77.2.3 /)" = A ]
+check "the mismatch is audited" audit_has '"original_dst":"10.77.2.3:443","note":"original_dst_mismatch"'
+check "TCP to port 22 is reset" bash -c "! ip netns exec ep-client timeout 3 bash -c 'exec 3<>/dev/tcp/10.77.2.3/22; cat <&3' >/dev/null 2>&1"
+check "port 22 is audited with its original destination" audit_has '"reason":"catch_all","original_dst":"10.77.2.3:22"'
+ns client bash -c 'echo quic > /dev/udp/10.77.2.2/443' || true
+sleep 0.5
+check "neither port 22 nor UDP 443 reached the origin" [ ! -s "$work/reached" ]
+
+kill "$proxy"; wait "$proxy" 2>/dev/null || true
+config deny
+start_proxy
+check "with original_dst_mismatch = deny the mismatch is refused" bash -c "! ip netns exec ep-client curl -sS --max-time 5 --cacert '$work/cert.pem' --resolve ml.azure.com:443:10.77.2.3 https://ml.azure.com/ >/dev/null 2>&1"
+check "and audited as sni_mismatch" audit_has '"reason":"sni_mismatch"'
+
+echo "netns gateway: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
