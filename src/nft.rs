@@ -121,7 +121,9 @@ pub fn render(policy: &Policy, config: &Config, shape: Shape) -> String {
     match shape {
         Shape::Gateway => {}
         Shape::Sidecar => {
-            let _ = writeln!(out, "\t\toifname \"lo\" accept comment \"redirected TCP reaches the proxy on loopback\"");
+            let _ = writeln!(out, "\t\toifname \"lo\" accept");
+            let _ =
+                writeln!(out, "\t\tmeta l4proto tcp ct status dnat accept comment \"redirected to the proxy above\"");
             let _ = writeln!(out, "\t\tmeta skuid {} accept comment \"the proxy dials out itself\"", nft.proxy_uid);
             for (what, port) in [("admin", ports.admin), ("http", ports.http)] {
                 if let Some(p) = port {

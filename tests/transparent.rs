@@ -6,17 +6,24 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_egress-proxy");
 
-#[test]
-fn gateway_shape_across_network_namespaces() {
+/// Runs one namespace script and checks its summary line.
+fn run_netns(script: &str, summary: &str) {
     let uid = Command::new("id").arg("-u").output().expect("id");
     assert_eq!(
         String::from_utf8_lossy(&uid.stdout).trim(),
         "0",
         "this test creates network namespaces and nftables rules: run it as root (CI does)"
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/gateway.sh");
-    let out = Command::new("bash").arg(script).arg(BIN).output().expect("bash");
+    let path = format!("{}/tests/netns/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash").arg(path).arg(BIN).output().expect("bash");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("netns gateway: 10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains(summary), "{stdout}");
+}
+
+// One test, so that the two scripts never run at once.
+#[test]
+fn gateway_and_sidecar_shapes_across_network_namespaces() {
+    run_netns("gateway.sh", "netns gateway: 10 passed, 0 failed");
+    run_netns("sidecar.sh", "netns sidecar: 8 passed, 0 failed");
 }

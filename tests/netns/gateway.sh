@@ -41,6 +41,13 @@ origin() { ip netns exec ep-origin python3 "$here/origin.py" "$@" >/dev/null 2>&
 origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
 origin https 10.77.2.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.77.2.3 22 "$work/reached"
+ready() { # ready ADDR: the HTTPS origin answers a real request
+  for _ in $(seq 200); do
+    ip netns exec ep-origin curl -sk --max-time 1 "https://$1/" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "origin $1 did not start"; return 1
+}
 origin udp 10.77.2.2 443 "$work/reached"
 
 config() { # config MISMATCH
@@ -84,12 +91,9 @@ config log
 "$BIN" nft --config "$work/policy.toml" --shape gateway > "$work/gateway.nft"
 ns gw nft -f "$work/gateway.nft"
 start_proxy
-for _ in $(seq 100); do # the origins
-  ns origin bash -c 'exec 3<>/dev/tcp/10.77.2.3/443' 2>/dev/null && ns origin bash -c 'exec 3<>/dev/tcp/10.77.2.2/443' 2>/dev/null && break
-  sleep 0.05
-done
-
-big_sum="$(curl_to ml.azure.com 10.77.2.2 /big | sha256sum | cut -d' ' -f1)"
+ready 10.77.2.2
+ready 10.77.2.3
+big_sum="$(curl_to ml.azure.com 10.77.2.2 /big | sha256sum | cut -d' ' -f1)" || big_sum=failed
 check "10 MB through the tls listener arrives intact" [ "$big_sum" = "$(sha256sum < "$work/big" | cut -d' ' -f1)" ]
 check "refused name is refused" bash -c "! ip netns exec ep-client curl -sS --max-time 5 --cacert '$work/cert.pem' --resolve evil.example.com:443:10.77.2.3 https://evil.example.com/ >/dev/null 2>&1"
 check "refused name is audited" audit_has '"host":"evil.example.com","port":443,"dst_addr":null,"decision":"deny","rule":null,"reason":"no_rule"'
