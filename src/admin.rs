@@ -23,17 +23,7 @@ pub async fn serve(
     reloader: Option<Arc<Reloader>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _)) = crate::server::accept_next(&listener, &shutdown).await {
         let (state, reloader) = (state.clone(), reloader.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(req, state.clone(), reloader.clone()));

@@ -183,19 +183,7 @@ async fn accept_http(
     shutdown: CancellationToken,
     admission: Arc<Admission>,
 ) {
-    loop {
-        let (stream, client) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "Accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
         match admission.admit(client.ip()) {
             Some(slot) => {
@@ -220,6 +208,26 @@ async fn accept_http(
     }
 }
 
+/// The next connection, or `None` once `shutdown` is cancelled. Accept errors (EMFILE and
+/// friends) back off instead of spinning.
+pub(crate) async fn accept_next(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Accepts redirected connections for one transparent listener.
 async fn accept_redirected(
     kind: Listener,
@@ -230,18 +238,7 @@ async fn accept_redirected(
     shutdown: CancellationToken,
     admission: Arc<Admission>,
 ) {
-    loop {
-        let (stream, client) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
         let Some(slot) = admission.admit(client.ip()) else {
             record_connection_refusal(&state, client, kind, &Refusal::ConnectionLimit);
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));

@@ -4,25 +4,11 @@
 # Every address is in 10.77.0.0/16 inside namespaces this script creates and deletes.
 set -euo pipefail
 BIN="$1"
-here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
-pids=()
-passed=0
-failed=0
-ns() { local n="$1"; shift; ip netns exec "ep-$n" "$@"; }
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  for n in client gw origin; do ip netns del "ep-$n" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-check() { # check NAME COMMAND...
-  local name="$1"; shift
-  if "$@"; then echo "ok     $name"; passed=$((passed + 1)); else echo "FAILED $name"; failed=$((failed + 1)); fi
-}
+PREFIX=ep
+NAMESPACES="client gw origin"
+BIG_BYTES=10485760
+source "$(dirname "$0")/lib.sh"
 
-for n in client gw origin; do ip netns del "ep-$n" 2>/dev/null || true; ip netns add "ep-$n"; ns "$n" ip link set lo up; done
 ip link add c0 netns ep-client type veth peer name g0 netns ep-gw
 ip link add g1 netns ep-gw type veth peer name o0 netns ep-origin
 ns client ip addr add 10.77.1.2/24 dev c0; ns client ip link set c0 up; ns client ip route add default via 10.77.1.1
@@ -32,22 +18,9 @@ ns gw sysctl -q -w net.ipv4.ip_forward=1
 ns origin ip addr add 10.77.2.2/24 dev o0; ns origin ip addr add 10.77.2.3/24 dev o0; ns origin ip link set o0 up
 ns origin ip route add default via 10.77.2.1
 
-openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=egress-proxy-test \
-  -addext "subjectAltName=DNS:ml.azure.com,DNS:evil.example.com" \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-head -c 10485760 /dev/urandom > "$work/big"
-# `ip netns exec` (not the `ns` function) in the background, so that $! is the process itself.
-origin() { ip netns exec ep-origin python3 "$here/origin.py" "$@" >/dev/null 2>&1 & pids+=($!); }
 origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
 origin https 10.77.2.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.77.2.3 22 "$work/reached"
-ready() { # ready ADDR: the HTTPS origin answers a real request
-  for _ in $(seq 200); do
-    ip netns exec ep-origin curl -sk --max-time 1 "https://$1/" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "origin $1 did not start"; return 1
-}
 origin udp 10.77.2.2 443 "$work/reached"
 
 config() { # config MISMATCH
@@ -82,7 +55,6 @@ start_proxy() {
   done
   echo "the proxy did not start:"; cat "$work/proxy.log"; return 1
 }
-audit_has() { grep -q "$1" "$work/audit.jsonl"; }
 curl_to() { # curl_to NAME ADDR PATH
   ns client curl -sS --max-time 10 --cacert "$work/cert.pem" --resolve "$1:443:$2" "https://$1$3"
 }

@@ -5,45 +5,18 @@
 # Usage: sidecar.sh BIN
 set -euo pipefail
 BIN="$1"
-here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
-chmod 755 "$work"
-pids=()
-passed=0
-failed=0
-ns() { local n="$1"; shift; ip netns exec "es-$n" "$@"; }
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  for n in node origin; do ip netns del "es-$n" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-check() {
-  local name="$1"; shift
-  if "$@"; then echo "ok     $name"; passed=$((passed + 1)); else echo "FAILED $name"; failed=$((failed + 1)); fi
-}
+PREFIX=es
+NAMESPACES="node origin"
+BIG_BYTES=1048576
+source "$(dirname "$0")/lib.sh"
 
-for n in node origin; do ip netns del "es-$n" 2>/dev/null || true; ip netns add "es-$n"; ns "$n" ip link set lo up; done
 ip link add n0 netns es-node type veth peer name o0 netns es-origin
 ns node ip addr add 10.78.1.1/24 dev n0; ns node ip link set n0 up; ns node ip route add default via 10.78.1.2
 ns origin ip addr add 10.78.1.2/24 dev o0; ns origin ip addr add 10.78.1.3/24 dev o0; ns origin ip link set o0 up
 
-openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=egress-proxy-test \
-  -addext "subjectAltName=DNS:ml.azure.com,DNS:evil.example.com" \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-head -c 1048576 /dev/urandom > "$work/big"
-origin() { ip netns exec es-origin python3 "$here/origin.py" "$@" >/dev/null 2>&1 & pids+=($!); }
 origin https 10.78.1.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
 origin https 10.78.1.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.78.1.3 22 "$work/reached"
-ready() { # ready ADDR: the HTTPS origin answers a real request
-  for _ in $(seq 200); do
-    ip netns exec es-origin curl -sk --max-time 1 "https://$1/" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "origin $1 did not start"; return 1
-}
 origin udp 10.78.1.2 443 "$work/reached"
 
 touch "$work/audit.jsonl"; chown 65532:65532 "$work/audit.jsonl"
@@ -77,7 +50,6 @@ for _ in $(seq 100); do
   ns node bash -c 'exec 3<>/dev/tcp/127.0.0.1/3129' 2>/dev/null && break
   sleep 0.05
 done
-audit_has() { grep -q "$1" "$work/audit.jsonl"; }
 curl_to() { ns node curl -sS --max-time 10 --cacert "$work/cert.pem" --resolve "$1:443:$2" "https://$1$3"; }
 
 sum="$(curl_to ml.azure.com 10.78.1.2 /big | sha256sum | cut -d' ' -f1)" || sum=failed
