@@ -531,3 +531,32 @@ async fn hold_tunnel(proxy: std::net::SocketAddr, echo: std::net::SocketAddr) ->
     assert!(got.starts_with(b"HTTP/1.1 200"));
     held
 }
+
+#[tokio::test]
+async fn a_forwarded_body_that_stalls_is_cut_after_the_idle_timeout() {
+    // An origin that promises 100 bytes, sends 3, then holds the connection open.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = stall.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = stall.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let rules = format!(
+        "[limits]\nidle_timeout = \"500ms\"\n[resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"plain\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{}]\n",
+        origin.port()
+    );
+    let proxy = TestProxy::start(&rules).await;
+    let req = format!("GET http://ml.azure.com:{0}/ HTTP/1.1\r\nHost: ml.azure.com:{0}\r\n\r\n", origin.port());
+    let started = std::time::Instant::now();
+    let (resp, closed) = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(closed, "the stalled body was not cut");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(resp.starts_with(b"HTTP/1.1 200") && resp.ends_with(b"abc"), "{}", String::from_utf8_lossy(&resp));
+    let lines = proxy.audit_at_least(2).await;
+    assert_eq!(lines[1]["event"], "close");
+    assert_eq!(lines[1]["bytes_down"], 3);
+}

@@ -5,6 +5,7 @@
 //! with hop-by-hop headers removed. Origin form to the proxy itself is 400.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +32,8 @@ use crate::audit::{Closed, Decided, Listener, Verdict};
 use crate::policy::{DenyReason, Destination, Host, HostError, HostName, Policy, RuleId};
 use crate::tls::{self, Parsed};
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What every request on one client connection shares.
 pub struct ConnCx {
@@ -357,7 +359,8 @@ async fn forward(
     strip_hop_by_hop(req.headers_mut());
     let host_value = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
     req.headers_mut().insert(header::HOST, host_value);
-    let req = req.map(|b| Counted::new(b, Arc::clone(&up), None).boxed());
+    let idle = cx.state.limits.idle_timeout;
+    let req = req.map(|b| Counted::new(b, Arc::clone(&up), idle, None).boxed());
 
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
@@ -378,7 +381,7 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let down = Arc::clone(&close.down);
-    let body = Counted::new(body, down, Some(close)).boxed();
+    let body = Counted::new(body, down, idle, Some(close)).boxed();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -496,33 +499,48 @@ impl Drop for CloseRecord {
     }
 }
 
-/// A body that counts the bytes that pass through it, and writes the close line (if it carries
-/// one) when it is dropped.
+/// A body that counts the bytes that pass through it, ends in an error when no frame comes for
+/// the idle timeout (a trickling peer must not hold a connection slot forever), and writes the
+/// close line (if it carries one) when it is dropped.
 struct Counted<B> {
     inner: B,
     count: Arc<AtomicU64>,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
     _close: Option<CloseRecord>,
 }
 
 impl<B> Counted<B> {
-    fn new(inner: B, count: Arc<AtomicU64>, close: Option<CloseRecord>) -> Self {
-        Self { inner, count, _close: close }
+    fn new(inner: B, count: Arc<AtomicU64>, idle: Duration, close: Option<CloseRecord>) -> Self {
+        Self { inner, count, idle, deadline: Box::pin(tokio::time::sleep(idle)), _close: close }
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let n = data.len() as u64;
-                self.count.fetch_add(n, Ordering::Relaxed);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("body idle for longer than idle_timeout".into()))),
+                Poll::Pending => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
