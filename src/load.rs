@@ -31,13 +31,7 @@ pub struct Loaded {
 /// Loads `path` (or the embedded preset), overrides `regions` when `regions` is not empty, and
 /// compiles the policy. Every error names its file, line and field.
 pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErrors> {
-    let mut config = match path {
-        Some(p) => Config::load(p)?,
-        None => Config::embedded()?,
-    };
-    if !regions.is_empty() {
-        config.regions = regions.iter().map(|r| Spanned::new(0..0, r.clone())).collect();
-    }
+    let config = read_config(path, regions)?;
     let tags_text = config.service_tags_text()?;
     let tags = match &tags_text {
         Some(text) => TagTable::parse(text).map_err(|e| {
@@ -80,11 +74,19 @@ fn embedded_tags_written() -> SystemTime {
 /// Compiles the configuration at `path` against a given tag table, as a check: used to validate
 /// fetched service tags before they replace the file.
 pub fn compile_with_tags(path: &Path, regions: &[String], tags: &TagTable) -> Result<Compiled, ConfigErrors> {
-    let mut config = Config::load(path)?;
+    compile(&read_config(Some(path), regions)?, tags)
+}
+
+/// Reads `path` (or the embedded preset), with `regions`, when not empty, replacing the file's.
+fn read_config(path: Option<&Path>, regions: &[String]) -> Result<Config, ConfigErrors> {
+    let mut config = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded()?,
+    };
     if !regions.is_empty() {
         config.regions = regions.iter().map(|r| Spanned::new(0..0, r.clone())).collect();
     }
-    compile(&config, tags)
+    Ok(config)
 }
 
 /// A digest of files by path and contents, as read now from disk; equal to `Loaded::digest` while

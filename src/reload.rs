@@ -187,7 +187,7 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, shutdown: Cancellat
 
 fn warn_on_restart_only_changes(state: &State, config: &Config) {
     let limits = crate::proxy::Limits::from(&config.limits);
-    if format!("{limits:?}") != format!("{:?}", state.limits) {
+    if limits != state.limits {
         tracing::warn!("[limits] changed: the new values take effect at the next restart");
     }
 }

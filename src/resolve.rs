@@ -66,10 +66,6 @@ impl Resolver {
         self.lookups.get()
     }
 
-    pub fn failures(&self) -> u64 {
-        self.failures.get()
-    }
-
     async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, ResolveError> {
         if let Some(pinned) = self.pins.load().get(name) {
             return Ok(pinned.clone());

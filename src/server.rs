@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use hyper::server::conn::http1;
@@ -187,14 +187,7 @@ async fn accept_http(
         let _ = stream.set_nodelay(true);
         match admission.admit(client.ip()) {
             Some(slot) => {
-                let cx = Arc::new(ConnCx {
-                    state: state.clone(),
-                    client,
-                    tracker: tracker.clone(),
-                    stop: stop.clone(),
-                    guard: Arc::new(slot),
-                    requests: AtomicU64::new(0),
-                });
+                let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));
                 let span = tracing::info_span!("conn", client.addr = %client, listener = "http");
                 tracker.spawn(serve_http(stream, cx, shutdown.clone()).instrument(span));
             }
@@ -248,14 +241,7 @@ async fn accept_redirected(
             record_connection_refusal(&state, client, kind, &Refusal::NoOriginalDst);
             continue;
         };
-        let cx = Arc::new(ConnCx {
-            state: state.clone(),
-            client,
-            tracker: tracker.clone(),
-            stop: stop.clone(),
-            guard: Arc::new(slot),
-            requests: AtomicU64::new(0),
-        });
+        let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));
         let span =
             tracing::info_span!("conn", client.addr = %client, listener = kind.as_str(), dst.orig = %original_dst);
         tracker.spawn(transparent::serve(kind, stream, original_dst, cx).instrument(span));

@@ -48,20 +48,6 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str)
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }
 
-/// Opens a CONNECT tunnel and returns the stream after the 200.
-async fn tunnel(proxy: std::net::SocketAddr, host: &str, port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
 async fn echo_round(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut back = vec![0u8; msg.len()];
@@ -90,7 +76,7 @@ async fn metrics_move_by_exactly_the_right_amounts() {
     let proxy = TestProxy::start(&rules(echo.port(), "")).await;
     let before = scrape(&proxy).await;
 
-    let mut s = tunnel(proxy.addr, "ml.azure.com", echo.port()).await;
+    let mut s = connect_tunnel(proxy.addr, "ml.azure.com", echo.port()).await;
     echo_round(&mut s, b"hello").await;
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
@@ -172,7 +158,7 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
     assert_ne!(get(proxy.admin_addr, "/policy").await.1, hash_before);
 
     // A tunnel through the mcr rule stays open across a reload that removes the rule.
-    let mut open = tunnel(proxy.addr, "mcr.microsoft.com", echo.port()).await;
+    let mut open = connect_tunnel(proxy.addr, "mcr.microsoft.com", echo.port()).await;
     echo_round(&mut open, b"before").await;
 
     // A broken file changes nothing.

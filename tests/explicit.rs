@@ -388,38 +388,7 @@ async fn tls_through(
     sni: &str,
     ca_pem: &str,
 ) -> std::io::Result<String> {
-    use std::sync::Arc;
-    let mut s = tokio::net::TcpStream::connect(proxy).await?;
-    s.write_all(format!("CONNECT {connect_host}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await?;
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(ca_pem) {
-        roots.add(c).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut tls = connector.connect(name, s).await?;
-    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
-fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+    https_get(connect_tunnel(proxy, connect_host, port).await, sni, ca_pem).await
 }
 
 #[tokio::test]

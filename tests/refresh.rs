@@ -31,15 +31,7 @@ struct Served {
 }
 
 async fn https_server(served: Arc<Mutex<Served>>) -> (std::net::SocketAddr, String) {
-    let (ca_pem, cert, key) = support::certificates(&["127.0.0.1"]);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (ca_pem, acceptor) = support::tls_acceptor(&["127.0.0.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,14 +50,8 @@ impl Harness {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, peer) = l.accept().await.unwrap();
-        let cx = Arc::new(ConnCx {
-            state: self.state.clone(),
-            client: peer,
-            tracker: TaskTracker::new(),
-            stop: CancellationToken::new(),
-            guard: Arc::new(()),
-            requests: AtomicU64::new(0),
-        });
+        let cx =
+            Arc::new(ConnCx::new(self.state.clone(), peer, TaskTracker::new(), CancellationToken::new(), Arc::new(())));
         tokio::spawn(transparent::serve(listener, server, original_dst, cx));
         client
     }
@@ -73,26 +66,6 @@ impl Harness {
         }
         panic!("fewer than {n} audit lines: {:#?}", read_audit(&self.audit));
     }
-}
-
-async fn https_get(stream: TcpStream, sni: &str, ca_pem: &str) -> std::io::Result<String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await?;
-    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await?;
-    Ok(out)
 }
 
 #[tokio::test]

@@ -35,14 +35,6 @@ impl Decision {
     pub fn is_allow(&self) -> bool {
         matches!(self, Self::Allow { .. })
     }
-
-    /// The stable name of the outcome: `allow`, or the deny reason.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Allow { .. } => "allow",
-            Self::Deny { reason, .. } => reason.as_str(),
-        }
-    }
 }
 
 /// Why a destination was refused. `as_str` is the one name used in the audit log, the metric label,

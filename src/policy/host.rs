@@ -81,11 +81,6 @@ impl HostName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Byte offset just past the last underscore, or 0. A wildcard may only cover labels after it.
-    pub fn underscore_end(&self) -> usize {
-        self.0.rfind('_').map_or(0, |i| i + 1)
-    }
 }
 
 impl fmt::Display for HostName {
@@ -129,13 +124,6 @@ impl Host {
         match self {
             Self::Name(n) => Some(n),
             Self::Ip(_) => None,
-        }
-    }
-
-    pub fn ip(&self) -> Option<IpAddr> {
-        match self {
-            Self::Name(_) => None,
-            Self::Ip(ip) => Some(*ip),
         }
     }
 }

@@ -49,6 +49,18 @@ pub struct ConnCx {
     pub requests: AtomicU64,
 }
 
+impl ConnCx {
+    pub fn new(
+        state: Arc<State>,
+        client: SocketAddr,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+        guard: Arc<dyn Send + Sync>,
+    ) -> Self {
+        Self { state, client, tracker, stop, guard, requests: AtomicU64::new(0) }
+    }
+}
+
 /// Serves one request.
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
     cx.requests.fetch_add(1, Ordering::Relaxed);

@@ -43,7 +43,7 @@ pub struct State {
 }
 
 /// Runtime limits and timeouts, from `[limits]`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Limits {
     pub max_request_head_bytes: usize,
     pub request_head_timeout: Duration,

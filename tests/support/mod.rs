@@ -127,15 +127,7 @@ pub struct TlsOrigin {
 
 impl TlsOrigin {
     pub async fn start(names: &[&str]) -> Self {
-        let (ca_pem, cert_der, key_der) = certificates(names);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert_der], key_der)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (ca_pem, acceptor) = tls_acceptor(names);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -255,7 +247,7 @@ impl Body for Slow {
     }
 }
 
-pub fn certificates(
+fn certificates(
     names: &[&str],
 ) -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -278,4 +270,55 @@ pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Ve
     let mut out = Vec::new();
     let closed = tokio::time::timeout(limit, s.read_to_end(&mut out)).await.is_ok();
     (out, closed)
+}
+
+/// A TLS acceptor whose certificate names `names`, and the PEM of the test CA that signed it.
+pub fn tls_acceptor(names: &[&str]) -> (String, tokio_rustls::TlsAcceptor) {
+    let (ca_pem, cert, key) = certificates(names);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    (ca_pem, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// `GET /` over TLS on `stream`, sending `sni` and trusting only `ca_pem`; the whole response.
+pub async fn https_get<S>(stream: S, sni: &str, ca_pem: &str) -> std::io::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await?;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Opens a CONNECT tunnel through `proxy` and returns the stream after the 200 head.
+pub async fn connect_tunnel(proxy: SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    s
 }
