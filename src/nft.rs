@@ -73,8 +73,7 @@ pub fn render(policy: &Policy, config: &Config, shape: Shape) -> String {
     let udp: Vec<_> =
         policy.rules().iter().filter(|r| r.protocol == Protocol::Udp && r.action == Action::Allow).collect();
     for (i, r) in udp.iter().enumerate() {
-        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) =
-            IpNet::aggregate(&r.ranges).into_iter().partition(|n| matches!(n, IpNet::V4(_)));
+        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = r.ranges.iter().partition(|n| matches!(n, IpNet::V4(_)));
         let _ = writeln!(
             out,
             "\t# rule {:?}: {}",

@@ -158,16 +158,13 @@ fn destination(req: &Request<Incoming>) -> Result<Destination, Refusal> {
 
 /// `Host: example.com` agrees with `http://example.com:80/`.
 fn host_matches_default_port(host: &HeaderValue, authority: &str, method: &Method) -> bool {
-    let Ok(host) = host.to_str() else {
+    // CONNECT names its port explicitly: only absolute-form `http://` has a default (80) to drop.
+    let Ok(host) = host.to_str() else { return false };
+    if method == Method::CONNECT {
         return false;
-    };
-    let default = if method == Method::CONNECT {
-        return false;
-    } else {
-        ":80"
-    };
-    authority.strip_suffix(default).is_some_and(|a| a.eq_ignore_ascii_case(host))
-        || host.strip_suffix(default).is_some_and(|h| h.eq_ignore_ascii_case(authority))
+    }
+    authority.strip_suffix(":80").is_some_and(|a| a.eq_ignore_ascii_case(host))
+        || host.strip_suffix(":80").is_some_and(|h| h.eq_ignore_ascii_case(authority))
 }
 
 fn has_body(headers: &HeaderMap) -> bool {
