@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use egress_proxy::load::load;
 use egress_proxy::server::{self, Listeners};
+use egress_proxy::state::State;
 
 const BULK: u64 = 512 * 1024 * 1024;
 const RUNS: usize = 5;
@@ -88,7 +89,7 @@ async fn proxy(origin: SocketAddr, dir: &std::path::Path) -> SocketAddr {
         ),
     )
     .unwrap();
-    let state = Arc::new(server::state(load(Some(&cfg), &[]).unwrap()).unwrap());
+    let state = Arc::new(State::build(load(Some(&cfg), &[]).unwrap()).unwrap());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(server::run(

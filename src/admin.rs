@@ -10,27 +10,30 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::State;
 use crate::reload::Reloader;
+use crate::state::State;
 
-/// Serves the admin endpoints until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<State>,
-    reloader: Option<Arc<Reloader>>,
-    shutdown: CancellationToken,
-) {
-    while let Some((stream, _)) = crate::server::accept_next(&listener, &shutdown).await {
-        let (state, reloader) = (state.clone(), reloader.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| respond(req, state.clone(), reloader.clone()));
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
-            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
-        });
+/// Serves one admin connection; `server::run` accepts them, within their own limit, and tracks
+/// them with every other connection. On `shutdown` the request in flight is answered, then the
+/// connection closes.
+pub async fn serve(stream: TcpStream, state: Arc<State>, reloader: Option<Arc<Reloader>>, shutdown: CancellationToken) {
+    let svc = service_fn(move |req| respond(req, state.clone(), reloader.clone()));
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
+    let conn = b.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "Admin connection ended with an error");
     }
 }
 
@@ -42,9 +45,7 @@ async fn respond(
     let r = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, TEXT, "ok\n".into()),
-        (&Method::GET, "/readyz") if state.ready.load(std::sync::atomic::Ordering::Relaxed) => {
-            reply(StatusCode::OK, TEXT, "ready\n".into())
-        }
+        (&Method::GET, "/readyz") if state.is_ready() => reply(StatusCode::OK, TEXT, "ready\n".into()),
         (&Method::GET, "/readyz") => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
         (&Method::GET, "/policy") => reply(StatusCode::OK, JSON, policy_json(&state)),
         (&Method::GET, "/denied") => {
@@ -102,3 +103,4 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 const TOP_SHOWN: usize = 50;
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

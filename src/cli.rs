@@ -59,13 +59,13 @@ struct ServiceTagsArgs {
 }
 
 #[derive(Clone, Debug, Args)]
-pub struct ConfigArgs {
+struct ConfigArgs {
     /// Policy file; without it the embedded Azure ML preset is used.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    config: Option<PathBuf>,
     /// Region for `<region>` (repeatable); overrides `regions` in the file.
     #[arg(long = "region", value_name = "NAME")]
-    pub regions: Vec<String>,
+    regions: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -85,8 +85,8 @@ struct CheckArgs {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        None => crate::server::main(cli.run),
-        Some(Command::Run(args)) => crate::server::main(args),
+        None => run_proxy(cli.run),
+        Some(Command::Run(args)) => run_proxy(args),
         Some(Command::Check(args)) => check(args),
         Some(Command::Validate(args)) => validate(args),
         Some(Command::ServiceTags(args)) => service_tags(args),
@@ -100,8 +100,16 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// `run`: loads the configuration once, then hands it to the proxy.
+fn run_proxy(args: ConfigArgs) -> ExitCode {
+    match load_or_report(&args) {
+        Ok(loaded) => crate::app::run(loaded, args.config, args.regions),
+        Err(code) => code,
+    }
+}
+
 /// Loads the policy, or prints every configuration error and returns exit code 2.
-pub fn load_or_report(args: &ConfigArgs) -> Result<Loaded, ExitCode> {
+fn load_or_report(args: &ConfigArgs) -> Result<Loaded, ExitCode> {
     load(args.config.as_deref(), &args.regions).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(2)

@@ -19,6 +19,7 @@
 //! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
 
 pub mod admin;
+pub mod app;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -33,4 +34,5 @@ pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod service_tags;
+pub mod state;
 pub mod tls;

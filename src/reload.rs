@@ -1,49 +1,20 @@
-//! Hot reload: SIGHUP, a change to the config or service-tag file, or `POST /reload` builds and
-//! validates a whole new policy, then swaps it in. A broken file leaves the old policy in force,
+//! The reload triggers: SIGHUP, a change to the config or service-tag file, and `POST /reload`.
+//! Each builds and validates a whole new policy, then hands it to `State::apply`. A broken file leaves the old policy in force,
 //! is logged with file, line and field, and counts as a failed reload. Open tunnels keep going;
 //! new connections see the new policy from the moment of the swap.
 //!
 //! Reload replaces the rules, `[safety]`, service tags and `[resolve] static`. Listeners, limits
 //! and the audit path are read at start only (changing them needs a restart, and is logged).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors};
-use crate::load::{digest_files, load, Loaded};
-use crate::policy::HostName;
-use crate::proxy::State;
-
-/// What `/policy` shows about the policy in force.
-#[derive(Clone, Debug, Serialize)]
-pub struct PolicyInfo {
-    pub hash: String,
-    #[serde(serialize_with = "rfc3339")]
-    pub loaded_at: SystemTime,
-    pub source: String,
-    pub service_tags_change_number: u64,
-    pub disabled: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
-impl Default for PolicyInfo {
-    fn default() -> Self {
-        Self {
-            hash: String::new(),
-            loaded_at: SystemTime::UNIX_EPOCH,
-            source: String::new(),
-            service_tags_change_number: 0,
-            disabled: Vec::new(),
-            warnings: Vec::new(),
-        }
-    }
-}
+use crate::load::{digest_files, load};
+use crate::state::{Limits, State};
 
 /// Reloads the policy from where it was first loaded. Reloads are serialised: SIGHUP, the
 /// watcher, `POST /reload` and the service-tag refresh never interleave.
@@ -87,7 +58,7 @@ impl Reloader {
                     // The digest of the bytes just loaded: a change made since is seen next poll.
                     *w = Watched { files: loaded.files.clone(), digest: loaded.digest.clone(), failed_at: None };
                 }
-                apply(&self.state, loaded);
+                self.state.apply(loaded);
                 metrics.reloads.with_label_values(&["success"]).inc();
                 tracing::info!(hash = %hash, "Policy reloaded");
                 Ok(hash)
@@ -114,42 +85,6 @@ impl Reloader {
         let retry = w.failed_at.is_some_and(|t| t.elapsed() >= RETRY_FAILED);
         retry || (!w.files.is_empty() && digest_files(&w.files) != w.digest)
     }
-}
-
-/// Puts a loaded policy in force: the policy, the resolver's pins, `/policy` and the metrics.
-pub fn apply(state: &State, loaded: Loaded) {
-    let Loaded { config, compiled, tags, hash, tags_written, .. } = loaded;
-    let metrics = &state.metrics;
-    metrics.config_info.reset();
-    metrics.config_info.with_label_values(&[&hash]).set(1);
-    let now = SystemTime::now();
-    metrics.last_reload_success.set(unix_seconds(now));
-    metrics.tags_change_number.set(i64::try_from(tags.change_number()).unwrap_or(i64::MAX));
-    metrics.tags_timestamp.set(tags_written.map_or(0.0, unix_seconds));
-    state.resolver.set_pins(pins(&config));
-    state.info.store(Arc::new(PolicyInfo {
-        hash,
-        loaded_at: now,
-        source: config.source.origin.to_string(),
-        service_tags_change_number: tags.change_number(),
-        disabled: compiled.disabled,
-        warnings: compiled
-            .warnings
-            .iter()
-            .map(|w| format!("rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message))
-            .collect(),
-    }));
-    state.policy.store(Arc::new(compiled.policy));
-}
-
-/// The `[resolve] static` pins, as the resolver wants them. Names were validated by `compile`.
-pub fn pins(config: &Config) -> HashMap<HostName, Vec<IpAddr>> {
-    config
-        .resolve
-        .static_hosts
-        .iter()
-        .filter_map(|(name, addrs)| HostName::parse(name).ok().map(|n| (n, addrs.get_ref().clone())))
-        .collect()
 }
 
 /// Reloads on SIGHUP until `shutdown`.
@@ -186,7 +121,7 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, shutdown: Cancellat
 }
 
 fn warn_on_restart_only_changes(state: &State, config: &Config) {
-    let limits = crate::proxy::Limits::from(&config.limits);
+    let limits = Limits::from(&config.limits);
     if limits != state.limits {
         tracing::warn!("[limits] changed: the new values take effect at the next restart");
     }
@@ -194,11 +129,3 @@ fn warn_on_restart_only_changes(state: &State, config: &Config) {
 
 /// How often a failed reload is tried again while the files stay as they are.
 const RETRY_FAILED: Duration = Duration::from_secs(30);
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
-}

@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -20,14 +20,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin;
-use crate::audit::{Decided, Listener, Verdict};
-use crate::cli::{load_or_report, ConfigArgs};
-use crate::config::Config;
-use crate::load::Loaded;
-use crate::proxy::http::{handle, refusal_response, ConnCx};
-use crate::proxy::{transparent, Limits, Refusal, State};
-use crate::refresh::Refresher;
-use crate::reload::{self, Reloader};
+use crate::audit::Listener;
+use crate::proxy::conn::{Conn, ConnCx};
+use crate::proxy::http::handle;
+use crate::proxy::transparent::{self, Redirect};
+use crate::proxy::Refusal;
+use crate::reload::Reloader;
+use crate::state::{Limits, State};
 
 /// The bound listeners; each is optional.
 #[derive(Default)]
@@ -37,99 +36,6 @@ pub struct Listeners {
     pub plain: Option<TcpListener>,
     pub catch_all: Option<TcpListener>,
     pub admin: Option<TcpListener>,
-}
-
-/// Builds the shared state for a loaded configuration.
-pub fn state(loaded: Loaded) -> std::io::Result<State> {
-    State::build(loaded)
-}
-
-/// `egress-proxy run`: load, bind, serve until SIGTERM or SIGINT, drain, exit 0.
-pub fn main(args: ConfigArgs) -> ExitCode {
-    init_tracing();
-    let loaded = match load_or_report(&args) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    for w in &loaded.compiled.warnings {
-        tracing::warn!(rule = w.rule.as_deref().unwrap_or("-"), "{}", w.message);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot start the runtime");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
-        let listen = &loaded.config.listen;
-        if [listen.http, listen.tls, listen.plain, listen.catch_all].iter().all(Option::is_none) {
-            tracing::error!("No listener is configured: set [listen] http (or tls, plain, catch_all)");
-            return ExitCode::from(2);
-        }
-        let wanted = [
-            ("http", listen.http),
-            ("tls", listen.tls),
-            ("plain", listen.plain),
-            ("catch_all", listen.catch_all),
-            ("admin", listen.admin),
-        ];
-        let origin = loaded.config.source.origin.to_string();
-        let rules = loaded.compiled.policy.rules().len();
-        let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
-        let state = match state(loaded) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot open the audit log");
-                return ExitCode::from(1);
-            }
-        };
-        let mut listeners = Listeners::default();
-        let slots = [
-            &mut listeners.http,
-            &mut listeners.tls,
-            &mut listeners.plain,
-            &mut listeners.catch_all,
-            &mut listeners.admin,
-        ];
-        for ((name, addr), slot) in wanted.into_iter().zip(slots) {
-            let Some(addr) = addr else { continue };
-            match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    let bound = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
-                    tracing::info!(listener = name, addr = %bound, config = %origin, rules, "Listening");
-                    *slot = Some(l);
-                }
-                Err(e) => {
-                    tracing::error!(listener = name, addr = %addr, error = %e, "Cannot bind");
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        let shutdown = CancellationToken::new();
-        let reloader = Arc::new(Reloader::new(args.config.clone(), args.regions.clone(), state.clone(), files, digest));
-        tokio::spawn(signals(shutdown.clone()));
-        tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
-        tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
-        if let Some(path) = &args.config {
-            let config = Config::load(path).ok();
-            let refresher =
-                config.map(|c| Refresher::from_config(&c, Some(path), &args.regions, state.clone(), reloader.clone()));
-            match refresher {
-                Some(Ok(Some(r))) => {
-                    tokio::spawn(r.run(shutdown.clone()));
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "Cannot set up the service-tag refresh");
-                    return ExitCode::from(2);
-                }
-                _ => {}
-            }
-        }
-        run(listeners, state, Some(reloader), shutdown).await;
-        tracing::info!("Stopped");
-        ExitCode::SUCCESS
-    })
 }
 
 /// Serves until `shutdown` is cancelled, then drains.
@@ -144,7 +50,7 @@ pub async fn run(
     let admission = Arc::new(Admission::new(&state.limits));
     let mut accepts = Vec::new();
     for (kind, listener) in
-        [(Listener::Tls, listeners.tls), (Listener::Plain, listeners.plain), (Listener::CatchAll, listeners.catch_all)]
+        [(Redirect::Tls, listeners.tls), (Redirect::Plain, listeners.plain), (Redirect::CatchAll, listeners.catch_all)]
     {
         if let Some(l) = listener {
             let (state, tracker, stop, shutdown, admission) =
@@ -158,11 +64,12 @@ pub async fn run(
         accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission)));
     }
     if let Some(l) = listeners.admin {
-        tokio::spawn(admin::serve(l, state.clone(), reloader, shutdown.clone()));
+        let (state, tracker, shutdown) = (state.clone(), tracker.clone(), shutdown.clone());
+        accepts.push(tokio::spawn(accept_admin(l, state, reloader, tracker, shutdown)));
     }
-    state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    state.ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
-    state.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    state.ready.store(false, Ordering::Relaxed);
     for a in accepts {
         let _ = a.await;
     }
@@ -171,7 +78,7 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "Grace period over: closing open connections");
         stop.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
 }
 
@@ -214,16 +121,38 @@ pub(crate) async fn accept_next(
                 Ok(a) => return Some(a),
                 Err(e) => {
                     tracing::warn!(error = %e, "Accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
         }
     }
 }
 
+/// Accepts admin connections, within their own limit, and drains them with the rest.
+async fn accept_admin(
+    listener: TcpListener,
+    state: Arc<State>,
+    reloader: Option<Arc<Reloader>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(client.addr = %client, limit = ADMIN_CONNECTIONS, "Admin connection refused: at its limit");
+            continue;
+        };
+        let conn = admin::serve(stream, state.clone(), reloader.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+}
+
 /// Accepts redirected connections for one transparent listener.
 async fn accept_redirected(
-    kind: Listener,
+    kind: Redirect,
     listener: TcpListener,
     state: Arc<State>,
     tracker: TaskTracker,
@@ -233,17 +162,17 @@ async fn accept_redirected(
 ) {
     while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
         let Some(slot) = admission.admit(client.ip()) else {
-            record_connection_refusal(&state, client, kind, &Refusal::ConnectionLimit);
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::ConnectionLimit);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             continue;
         };
         let Some(original_dst) = original_dst(&stream) else {
-            record_connection_refusal(&state, client, kind, &Refusal::NoOriginalDst);
+            Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::NoOriginalDst);
             continue;
         };
         let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));
-        let span =
-            tracing::info_span!("conn", client.addr = %client, listener = kind.as_str(), dst.orig = %original_dst);
+        let listener = kind.listener().as_str();
+        let span = tracing::info_span!("conn", client.addr = %client, listener, dst.orig = %original_dst);
         tracker.spawn(transparent::serve(kind, stream, original_dst, cx).instrument(span));
     }
 }
@@ -290,7 +219,7 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
             None
         };
         match refusal {
-            Some(r) => record_connection_refusal(&cx.state, cx.client, Listener::Http, &r),
+            Some(r) => Conn::new(&cx.state, cx.client, Listener::Http, None).refused(None, None, &r),
             None => tracing::debug!(error = %e, "Connection ended with an error"),
         }
     }
@@ -298,29 +227,9 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
 
 /// Answers 503 to a client over a limit, then closes.
 async fn reject(stream: TcpStream, client: SocketAddr, state: Arc<State>, _permit: OwnedSemaphorePermit) {
-    record_connection_refusal(&state, client, Listener::Http, &Refusal::ConnectionLimit);
-    let svc =
-        service_fn(|_req| async { Ok::<_, std::convert::Infallible>(refusal_response(&Refusal::ConnectionLimit)) });
+    Conn::new(&state, client, Listener::Http, None).refused(None, None, &Refusal::ConnectionLimit);
+    let svc = service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Refusal::ConnectionLimit.response()) });
     let _ = http1_builder(&state.limits).keep_alive(false).serve_connection(TokioIo::new(stream), svc).await;
-}
-
-/// An audit line for a refusal that has no request to speak of: a slow or malformed head, a limit.
-fn record_connection_refusal(state: &State, client: SocketAddr, listener: Listener, r: &Refusal) {
-    state.audit.decided(&Decided {
-        id: state.next_id(),
-        client,
-        listener,
-        method: None,
-        host: None,
-        port: None,
-        dst_addr: None,
-        decision: Verdict::Deny,
-        rule: None,
-        reason: Some(r.reason()),
-        original_dst: None,
-        note: None,
-    });
-    tracing::info!(client.addr = %client, reason = r.reason(), "Connection refused");
 }
 
 /// Connection limits: overall and per client address.
@@ -375,25 +284,5 @@ impl Drop for Slot {
 }
 
 const OVERFLOW_ANSWERS: usize = 64;
-/// How often the config and service-tag files are checked for changes.
-const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("Cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
-    }
-    shutdown.cancel();
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_PROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-}
+/// Admin connections open at once (Prometheus, probes, an operator's curl).
+const ADMIN_CONNECTIONS: usize = 32;

@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 use egress_proxy::config::Config;
 use egress_proxy::load::load;
 use egress_proxy::policy::{Decision, Host, Query};
-use egress_proxy::proxy::State;
 use egress_proxy::refresh::{Outcome, RefreshError, Refresher};
 use egress_proxy::reload::Reloader;
+use egress_proxy::state::State;
 
 /// What the server sends: status, ETag and body; and the If-None-Match it last saw.
 #[derive(Default)]

@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use egress_proxy::audit::Listener;
 use egress_proxy::load::load;
-use egress_proxy::proxy::http::ConnCx;
-use egress_proxy::proxy::{transparent, State};
+use egress_proxy::proxy::transparent::{self, Redirect};
+use egress_proxy::proxy::ConnCx;
+use egress_proxy::state::State;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +46,7 @@ impl Harness {
     }
 
     /// A client connection whose server side is served by `listener` as if redirected from `original_dst`.
-    async fn connect(&self, listener: Listener, original_dst: SocketAddr) -> TcpStream {
+    async fn connect(&self, listener: Redirect, original_dst: SocketAddr) -> TcpStream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, peer) = l.accept().await.unwrap();
@@ -76,13 +76,13 @@ async fn tls_listener_dials_the_names_own_address_and_audits_a_mismatch() {
     let honest: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let elsewhere: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
 
-    let page = https_get(h.connect(Listener::Tls, honest).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    let page = https_get(h.connect(Redirect::Tls, honest).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from ml.azure.com"), "{page}");
     // The client aimed at another address: it reaches ml.azure.com's own address, audited.
-    let page = https_get(h.connect(Listener::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    let page = https_get(h.connect(Redirect::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from ml.azure.com"), "{page}");
     // A refused name is reset before anything is sent anywhere.
-    let refused = https_get(h.connect(Listener::Tls, elsewhere).await, "evil.example.com", &origin.ca_pem).await;
+    let refused = https_get(h.connect(Redirect::Tls, elsewhere).await, "evil.example.com", &origin.ca_pem).await;
     assert!(refused.is_err());
 
     let lines = h.audit(5).await;
@@ -108,9 +108,9 @@ async fn an_address_rule_allows_an_unknown_name_but_never_a_denied_one() {
     let to_loopback: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // No host rule names evil.example.com, but the address rule allows its original destination.
     let page =
-        https_get(h.connect(Listener::Tls, to_loopback).await, "evil.example.com", &origin.ca_pem).await.unwrap();
+        https_get(h.connect(Redirect::Tls, to_loopback).await, "evil.example.com", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from evil.example.com"));
-    assert!(https_get(h.connect(Listener::Tls, to_loopback).await, "blocked.example.com", &origin.ca_pem)
+    assert!(https_get(h.connect(Redirect::Tls, to_loopback).await, "blocked.example.com", &origin.ca_pem)
         .await
         .is_err());
     let lines = h.audit(3).await;
@@ -125,7 +125,7 @@ async fn original_dst_mismatch_deny_refuses() {
     let port = origin.addr.port();
     let h = Harness::new(port, "[transparent]\noriginal_dst_mismatch = \"deny\"\n");
     let elsewhere: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
-    assert!(https_get(h.connect(Listener::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.is_err());
+    assert!(https_get(h.connect(Redirect::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.is_err());
     assert_eq!(h.audit(1).await[0]["reason"], "sni_mismatch");
 }
 
@@ -135,7 +135,7 @@ async fn without_sni_the_original_destination_is_decided_on_address_rules() {
     let port = origin.addr.port();
     let h = Harness::new(port, "");
     // rustls sends no SNI for an IP address.
-    let page = https_get(h.connect(Listener::Tls, origin.addr).await, "127.0.0.1", &origin.ca_pem).await.unwrap();
+    let page = https_get(h.connect(Redirect::Tls, origin.addr).await, "127.0.0.1", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from -"), "{page}");
     let d = &h.audit(1).await[0];
     assert_eq!((d["rule"].as_str(), d["host"].as_str()), (Some("loopback"), Some("127.0.0.1")));
@@ -145,7 +145,7 @@ async fn without_sni_the_original_destination_is_decided_on_address_rules() {
 async fn plain_listener_decides_on_the_host_header() {
     let origin = http_origin().await;
     let h = Harness::new(origin.port(), "");
-    let mut c = h.connect(Listener::Plain, origin).await;
+    let mut c = h.connect(Redirect::Plain, origin).await;
     c.write_all(
         format!("GET / HTTP/1.1\r\nHost: ml.azure.com:{}\r\nConnection: close\r\n\r\n", origin.port()).as_bytes(),
     )
@@ -157,7 +157,7 @@ async fn plain_listener_decides_on_the_host_header() {
     drop(c); // ends the tunnel, which writes its close line
              // Not allowed by name, and the original destination is outside the address rule.
     let elsewhere: SocketAddr = format!("127.0.0.2:{}", origin.port()).parse().unwrap();
-    let mut c = h.connect(Listener::Plain, elsewhere).await;
+    let mut c = h.connect(Redirect::Plain, elsewhere).await;
     c.write_all(b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out).await;
@@ -172,7 +172,7 @@ async fn plain_listener_decides_on_the_host_header() {
 async fn catch_all_resets_and_logs_the_original_destination() {
     let h = Harness::new(443, "");
     let dst: SocketAddr = "127.0.0.9:22".parse().unwrap();
-    let mut c = h.connect(Listener::CatchAll, dst).await;
+    let mut c = h.connect(Redirect::CatchAll, dst).await;
     let mut out = Vec::new();
     let read = c.read_to_end(&mut out).await;
     assert!(read.is_err() || out.is_empty());

@@ -151,6 +151,20 @@ impl Destination {
         Ok(Self { host: Host::parse(host)?, port: parse_port(port)? })
     }
 
+    /// Parses `host[:port]` as an HTTP `Host` header or request-target authority spells it
+    /// (RFC 9110 §7.2): the port defaults to `default_port`; userinfo is refused.
+    pub fn parse_host_port(input: &str, default_port: u16) -> Result<Self, HostError> {
+        if input.contains('@') {
+            return Err(HostError::Userinfo);
+        }
+        let (host, port) = split_host_port(input)?;
+        let port = match port {
+            Some(p) => parse_port(p)?,
+            None => default_port,
+        };
+        Ok(Self { host: Host::parse(host)?, port })
+    }
+
     /// Parses what an operator types: `host`, `host:port`, `ip`, `[v6]:port`, a bare IPv6 address,
     /// or an `http://` / `https://` URL. The port defaults to `default_port`, or the scheme's port.
     pub fn parse_loose(input: &str, default_port: u16) -> Result<Self, HostError> {

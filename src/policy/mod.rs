@@ -70,6 +70,27 @@ pub struct Rule {
     pub allow_ech: bool,
 }
 
+/// What a rule says about the bytes of a tunnel it allows. Read once, when the rule is chosen, and
+/// carried with the connection from then on.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct TunnelOptions {
+    /// Check the TLS server name against the name that was decided.
+    pub sni_check: bool,
+    /// Let ClientHellos with Encrypted Client Hello through.
+    pub allow_ech: bool,
+}
+
+impl TunnelOptions {
+    /// The defaults of a rule that says nothing: every check on.
+    pub const STRICT: Self = Self { sni_check: true, allow_ech: false };
+}
+
+impl Rule {
+    pub fn tunnel_options(&self) -> TunnelOptions {
+        TunnelOptions { sni_check: self.sni_check, allow_ech: self.allow_ech }
+    }
+}
+
 /// One question for the policy. Build it with `Query::new` and the `from`/`at` setters.
 #[derive(Clone, Copy, Debug)]
 pub struct Query<'a> {

@@ -7,21 +7,36 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Permit, Refusal};
+use super::authorize::{Grant, Permit};
+use super::refusal::Refusal;
+
+/// A connected upstream socket, and what was dialled.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub to: Dialled,
+}
+
+/// The address dialled and what its rule grants.
+#[derive(Clone, Copy, Debug)]
+pub struct Dialled {
+    pub addr: SocketAddr,
+    pub grant: Grant,
+    /// Dialled at the name's own address, not the redirected connection's original destination.
+    pub mismatch: bool,
+}
 
 /// Connects to the permit's addresses in order until one answers, within `timeout` in all.
-/// Returns the stream and the address actually dialled.
-pub async fn dial(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), Refusal> {
+pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, Refusal> {
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
-    for &(addr, _) in &permit.addrs {
+    for (addr, grant) in permit.addrs() {
         // The one sanctioned outbound connect: `addr` was checked by `authorize`.
         #[allow(clippy::disallowed_methods)]
         let attempt = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
         match attempt {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok((stream, addr));
+                return Ok(Upstream { stream, to: Dialled { addr, grant, mismatch: permit.is_mismatch() } });
             }
             Ok(Err(e)) => tracing::debug!(%addr, error = %e, "Upstream connect failed"),
             Err(_) => {

@@ -2,10 +2,16 @@
 //!
 //! The client's fault (400) is kept apart from the upstream's (502/504) and from the policy (403).
 
-use http::StatusCode;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
 
 use crate::audit::Verdict;
 use crate::policy::{DenyReason, RuleId};
+
+use super::body::{full, ProxyBody};
+
+/// The header that names the reason of a refusal.
+pub const DENY_REASON: HeaderName = HeaderName::from_static("x-egress-deny-reason");
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Refusal {
@@ -79,6 +85,18 @@ impl Refusal {
             Self::Policy { rule, .. } => *rule,
             _ => None,
         }
+    }
+
+    /// The response for a refusal: status, one-line body, `X-Egress-Deny-Reason`, and
+    /// `Connection: close` so that nothing more is read from this client.
+    pub fn response(&self) -> Response<ProxyBody> {
+        let mut resp = Response::new(full(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(DENY_REASON, HeaderValue::from_static(self.reason()));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
     }
 
     /// The one-line body sent with the status.

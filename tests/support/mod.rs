@@ -25,9 +25,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use egress_proxy::load::load;
-use egress_proxy::proxy::State;
 use egress_proxy::reload::{self, Reloader};
 use egress_proxy::server::{self, Listeners};
+use egress_proxy::state::State;
 
 pub const TAGS: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
@@ -60,7 +60,7 @@ impl TestProxy {
         std::fs::write(&config, text).unwrap();
         let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
         let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
-        let state = Arc::new(server::state(loaded).unwrap());
+        let state = Arc::new(State::build(loaded).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,120 @@
+//! `egress-proxy run`: the wiring of a running proxy. The configuration is loaded once (by the
+//! caller); this binds the listeners, installs the signal handlers, the reload triggers and the
+//! service-tag refresh, and serves until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::load::Loaded;
+use crate::refresh::Refresher;
+use crate::reload::{self, Reloader};
+use crate::server::{self, Listeners};
+use crate::state::State;
+
+/// Runs the proxy on `loaded`, which came from `config` (or the embedded preset) with `regions`;
+/// reloads read the same files again.
+pub fn run(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> ExitCode {
+    init_tracing();
+    for w in &loaded.compiled.warnings {
+        tracing::warn!(rule = w.rule.as_deref().unwrap_or("-"), "{}", w.message);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the runtime");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(loaded, config, regions))
+}
+
+async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> ExitCode {
+    let listen = &loaded.config.listen;
+    if [listen.http, listen.tls, listen.plain, listen.catch_all].iter().all(Option::is_none) {
+        tracing::error!("No listener is configured: set [listen] http (or tls, plain, catch_all)");
+        return ExitCode::from(2);
+    }
+    let wanted = [
+        ("http", listen.http),
+        ("tls", listen.tls),
+        ("plain", listen.plain),
+        ("catch_all", listen.catch_all),
+        ("admin", listen.admin),
+    ];
+    let origin = loaded.config.source.origin.to_string();
+    let rules = loaded.compiled.policy.rules().len();
+    let mut listeners = Listeners::default();
+    let slots =
+        [&mut listeners.http, &mut listeners.tls, &mut listeners.plain, &mut listeners.catch_all, &mut listeners.admin];
+    for ((name, addr), slot) in wanted.into_iter().zip(slots) {
+        let Some(addr) = addr else { continue };
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(listener = name, addr = %bound, config = %origin, rules, "Listening");
+                *slot = Some(l);
+            }
+            Err(e) => {
+                tracing::error!(listener = name, addr = %addr, error = %e, "Cannot bind");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let state = match State::new(&loaded.config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot open the audit log");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
+    let reloader = Arc::new(Reloader::new(config.clone(), regions.clone(), state.clone(), files, digest));
+    let refresher =
+        Refresher::from_config(&loaded.config, config.as_deref(), &regions, state.clone(), reloader.clone());
+    match refresher {
+        Ok(Some(r)) => {
+            tokio::spawn(r.run(shutdown.clone()));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot set up the service-tag refresh");
+            return ExitCode::from(2);
+        }
+    }
+    state.apply(loaded);
+    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
+    tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
+    server::run(listeners, state, Some(reloader), shutdown).await;
+    tracing::info!("Stopped");
+    ExitCode::SUCCESS
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("Cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_PROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}
+
+/// How often the config and service-tag files are checked for changes.
+const WATCH_EVERY: Duration = Duration::from_secs(2);

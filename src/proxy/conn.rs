@@ -1,0 +1,197 @@
+//! The record of one connection (or, on the explicit listener, one request): it writes every
+//! audit line and moves every metric of that connection, so that no listener writes its own.
+//!
+//! A `Conn` ends in exactly one decision line: `refused` (deny or fail) or `allowed`, which
+//! returns the `CloseRecord` whose drop writes the close line.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use http::Method;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{Closed, Decided, Listener, Verdict};
+use crate::policy::{Destination, HostName, Policy, RuleId};
+use crate::state::State;
+
+use super::authorize::{authorize, authorize_redirected, Permit, Redirected};
+use super::dial::{dial, Dialled, Upstream};
+use super::refusal::Refusal;
+use super::tunnel::meter::Meter;
+
+/// What every request on one accepted client connection shares.
+pub struct ConnCx {
+    pub state: Arc<State>,
+    pub client: SocketAddr,
+    /// Tracks tunnels and upstream connections, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the shutdown grace period is over.
+    pub stop: CancellationToken,
+    /// Held by every task that serves this connection: the connection's slot in the limits.
+    pub guard: Arc<dyn Send + Sync>,
+    /// Requests served on this connection so far.
+    pub requests: AtomicU64,
+}
+
+/// One connection to decide, with the policy snapshot it is decided under.
+pub struct Conn {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub listener: Listener,
+    /// Where a redirected connection was going (transparent listeners).
+    pub original_dst: Option<SocketAddr>,
+    /// The request method, on the explicit listener.
+    method: Option<Method>,
+    state: Arc<State>,
+    policy: Arc<Policy>,
+}
+
+/// Writes the close line of an allowed connection when dropped: at the end of a tunnel, or when
+/// a forwarded response body is done or abandoned. Its meter counts the bytes.
+pub struct CloseRecord {
+    conn: Conn,
+    host: String,
+    port: u16,
+    addr: SocketAddr,
+    rule: RuleId,
+    meter: Arc<Meter>,
+}
+
+// === impl ConnCx ===
+
+impl ConnCx {
+    pub fn new(
+        state: Arc<State>,
+        client: SocketAddr,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+        guard: Arc<dyn Send + Sync>,
+    ) -> Self {
+        Self { state, client, tracker, stop, guard, requests: AtomicU64::new(0) }
+    }
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// A new record with a fresh id, decided under the policy in force now.
+    pub fn new(state: &Arc<State>, client: SocketAddr, listener: Listener, original_dst: Option<SocketAddr>) -> Self {
+        Self {
+            id: state.next_id(),
+            client,
+            listener,
+            original_dst,
+            method: None,
+            policy: state.policy.load_full(),
+            state: Arc::clone(state),
+        }
+    }
+
+    pub fn with_method(mut self, method: Method) -> Self {
+        self.method = Some(method);
+        self
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Decides a destination the client named (explicit listener).
+    pub async fn authorize(&self, dest: &Destination) -> Result<Permit, Refusal> {
+        authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await
+    }
+
+    /// Decides a redirected connection on the name it carries and its original destination.
+    pub async fn authorize_redirected(&self, name: Option<&HostName>) -> Result<Permit, Refusal> {
+        let original_dst = self.original_dst.ok_or(Refusal::NoOriginalDst)?;
+        let r = Redirected { name, original_dst, client: self.client.ip() };
+        authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await
+    }
+
+    /// Dials a permit within the connect timeout, and times the connect.
+    pub async fn dial(&self, permit: &Permit) -> Result<Upstream, Refusal> {
+        let started = std::time::Instant::now();
+        let upstream = dial(permit, self.state.limits.connect_timeout).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.state.metrics.connect_duration.with_label_values(&[self.listener.as_str()]).observe(seconds);
+        Ok(upstream)
+    }
+
+    /// Writes the decision line of a refusal (`deny`, or `fail` when the upstream failed); called
+    /// before the client is answered. `host` is what the client asked for, as far as it is known.
+    pub fn refused(&self, host: Option<&str>, port: Option<u16>, refusal: &Refusal) {
+        self.decided(host, port, Outcome::Refused(refusal));
+        tracing::info!(id = self.id, client.addr = %self.client, dst.host = host.unwrap_or("-"), reason = refusal.reason(), "Refused");
+    }
+
+    /// Writes the `allow` line and returns the close record that will pair with it. `meter` counts
+    /// the connection's bytes (it may already have counted a request body).
+    pub fn allowed(self, host: String, port: u16, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
+        self.decided(Some(&host), Some(port), Outcome::Allowed(to));
+        CloseRecord { conn: self, host, port, addr: to.addr, rule: to.grant.rule, meter }
+    }
+
+    /// The one writer of this connection's decision line.
+    fn decided(&self, host: Option<&str>, port: Option<u16>, outcome: Outcome<'_>) {
+        let (decision, dst_addr, rule, reason, note) = match outcome {
+            Outcome::Allowed(u) => {
+                let note = u.mismatch.then_some("original_dst_mismatch");
+                (Verdict::Allow, Some(u.addr), Some(u.grant.rule), None, note)
+            }
+            Outcome::Refused(r) => (r.verdict(), None, r.rule(), Some(r.reason()), None),
+        };
+        self.state.audit.decided(&Decided {
+            id: self.id,
+            client: self.client,
+            listener: self.listener,
+            method: self.method.as_ref().map(Method::as_str),
+            host,
+            port,
+            dst_addr,
+            decision,
+            rule: rule.map(|r| self.policy.rule_name(r)),
+            reason,
+            original_dst: self.original_dst,
+            note,
+        });
+    }
+}
+
+/// How a connection was decided.
+enum Outcome<'a> {
+    Allowed(Dialled),
+    Refused(&'a Refusal),
+}
+
+// === impl CloseRecord ===
+
+impl CloseRecord {
+    pub fn meter(&self) -> &Arc<Meter> {
+        &self.meter
+    }
+
+    pub fn id(&self) -> u64 {
+        self.conn.id
+    }
+}
+
+impl Drop for CloseRecord {
+    fn drop(&mut self) {
+        let (up, down) = self.meter.bytes();
+        let c = &self.conn;
+        c.state.audit.closed(&Closed {
+            id: c.id,
+            client: c.client,
+            listener: c.listener,
+            host: Some(&self.host),
+            port: Some(self.port),
+            dst_addr: Some(self.addr),
+            rule: Some(c.policy.rule_name(self.rule)),
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: u64::try_from(self.meter.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+}

@@ -1,0 +1,165 @@
+//! Absolute-form forwarding (`GET http://host/path`): authorize → dial → one upstream HTTP/1.1
+//! exchange in origin form, with hop-by-hop headers removed → close when the response body ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use super::body::{BoxError, ProxyBody};
+use super::conn::CloseRecord;
+use super::conn::{Conn, ConnCx};
+use super::dial::Dialled;
+use super::refusal::Refusal;
+use super::tunnel::meter::{Direction, Flow, Meter};
+use crate::policy::Destination;
+
+/// Forwards one request to `dest` and returns the upstream's response, or the refusal.
+pub async fn forward(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination) -> Response<ProxyBody> {
+    let meter = Meter::new();
+    let host = dest.host.to_string();
+    match exchange(req, cx, &conn, &dest, &meter).await {
+        Ok((response, to)) => {
+            // Allowed and answered: only now the `allow` line, so that a failed exchange has one line.
+            let close = conn.allowed(host, dest.port, to, Arc::clone(&meter));
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let down = meter.flow(Direction::Down);
+            let body = Counted::new(body, down, cx.state.limits.idle_timeout, Some(close)).boxed();
+            Response::from_parts(parts, body)
+        }
+        Err(refusal) => {
+            conn.refused(Some(&host), Some(dest.port), &refusal);
+            refusal.response()
+        }
+    }
+}
+
+/// Decides, dials and sends the request; the response head, and what was dialled.
+async fn exchange(
+    mut req: Request<Incoming>,
+    cx: &ConnCx,
+    conn: &Conn,
+    dest: &Destination,
+    meter: &Arc<Meter>,
+) -> Result<(Response<Incoming>, Dialled), Refusal> {
+    let permit = conn.authorize(dest).await?;
+    let upstream = conn.dial(&permit).await?;
+
+    // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
+    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *req.uri_mut() = Uri::try_from(path).map_err(|_| Refusal::BadRequest("malformed request target"))?;
+    strip_hop_by_hop(req.headers_mut());
+    let host_value = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
+    req.headers_mut().insert(header::HOST, host_value);
+    let idle = cx.state.limits.idle_timeout;
+    let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle, None).boxed());
+
+    let (mut sender, conn_task) = hyper::client::conn::http1::handshake(TokioIo::new(upstream.stream))
+        .await
+        .map_err(|_| Refusal::UpstreamProtocol)?;
+    let stop = cx.stop.clone();
+    cx.tracker.spawn(async move {
+        tokio::select! {
+            r = conn_task => if let Err(e) = r { tracing::debug!(error = %e, "Upstream connection ended with an error") },
+            () = stop.cancelled() => {}
+        }
+    });
+    let response = tokio::time::timeout(idle, sender.send_request(req))
+        .await
+        .map_err(|_| Refusal::UpstreamTimeout)?
+        .map_err(|_| Refusal::UpstreamProtocol)?;
+    Ok((response, upstream.to))
+}
+
+/// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including those the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A body whose bytes pass the meter (`flow`), which ends in an error when no frame comes for the
+/// idle timeout (a trickling peer must not hold a connection slot forever) or the meter cuts it,
+/// and which writes the close line (if it carries one) when it is dropped.
+struct Counted<B> {
+    inner: B,
+    flow: Flow,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _close: Option<CloseRecord>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, flow: Flow, idle: Duration, close: Option<CloseRecord>) -> Self {
+        Self { inner, flow, idle, deadline: Box::pin(tokio::time::sleep(idle)), _close: close }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if self.flow.pass(data.len()).is_break() {
+                        return Poll::Ready(Some(Err("body cut".into())));
+                    }
+                }
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("body idle for longer than idle_timeout".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

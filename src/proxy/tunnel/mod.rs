@@ -1,0 +1,283 @@
+//! Bidirectional copy with half-close and an idle timeout. Every byte passes the connection's
+//! `Meter`, so the close record is right however the tunnel ends, and a cut stops the copy.
+//!
+//! Between two TCP sockets the bytes are spliced in the kernel (`splice.rs`); otherwise (a hyper
+//! upgrade that is not a plain socket, or no pipe available) they are copied through a buffer.
+//! Bytes read before the tunnel (a ClientHello or request head read to decide) are replayed to
+//! the upstream first, through the same meter.
+
+pub mod meter;
+mod splice;
+
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use meter::{Cut, Direction, Flow, Meter};
+use splice::{splice_one_way, Pipe};
+
+/// How a tunnel ended.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum End {
+    /// Both sides closed their write half.
+    Closed,
+    /// A read or write failed (reset, broken pipe).
+    Error,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+    /// The proxy is shutting down and the grace period is over.
+    Shutdown,
+    /// The meter said stop.
+    Cut,
+}
+
+/// Why one direction stopped before its end of stream.
+#[derive(Debug)]
+pub enum Halted {
+    Io(std::io::Error),
+    Cut(Cut),
+}
+
+impl From<std::io::Error> for Halted {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Replays `prefix` to the upstream, then carries bytes between two TCP sockets until both
+/// directions end, one fails, nothing moves for `idle`, the meter cuts, or `stop` is cancelled.
+/// Splices in the kernel when it can.
+pub async fn tunnel_tcp(
+    client: TcpStream,
+    mut upstream: TcpStream,
+    prefix: &[u8],
+    meter: &Arc<Meter>,
+    idle: Duration,
+    stop: CancellationToken,
+) -> End {
+    let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
+    if let Err(end) = replay(&mut upstream, prefix, &up).await {
+        return end;
+    }
+    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return copy_both(client, upstream, up, down, meter, idle, stop).await,
+    };
+    let up_half = splice_one_way(&client, &upstream, &up_pipe, &up);
+    let down_half = splice_one_way(&upstream, &client, &down_pipe, &down);
+    drive(up_half, down_half, meter, idle, stop).await
+}
+
+/// The same as `tunnel_tcp` for any byte streams, copying through a buffer.
+pub async fn tunnel<C, U>(
+    client: C,
+    mut upstream: U,
+    prefix: &[u8],
+    meter: &Arc<Meter>,
+    idle: Duration,
+    stop: CancellationToken,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
+    if let Err(end) = replay(&mut upstream, prefix, &up).await {
+        return end;
+    }
+    copy_both(client, upstream, up, down, meter, idle, stop).await
+}
+
+async fn replay<U: AsyncWrite + Unpin>(upstream: &mut U, prefix: &[u8], up: &Flow) -> Result<(), End> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    upstream.write_all(prefix).await.map_err(|_| End::Error)?;
+    match up.pass(prefix.len()) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(Cut) => Err(End::Cut),
+    }
+}
+
+async fn copy_both<C, U>(
+    client: C,
+    upstream: U,
+    up: Flow,
+    down: Flow,
+    meter: &Meter,
+    idle: Duration,
+    stop: CancellationToken,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up_half = copy(&mut cr, &mut uw, &up);
+    let down_half = copy(&mut ur, &mut cw, &down);
+    drive(up_half, down_half, meter, idle, stop).await
+}
+
+/// Runs both directions together under the idle watchdog and the stop token.
+async fn drive(
+    up: impl Future<Output = Result<(), Halted>>,
+    down: impl Future<Output = Result<(), Halted>>,
+    meter: &Meter,
+    idle: Duration,
+    stop: CancellationToken,
+) -> End {
+    let both = async {
+        // A failed direction ends the tunnel at once; a finished one waits for the other.
+        match tokio::try_join!(up, down) {
+            Ok(_) => End::Closed,
+            Err(Halted::Io(_)) => End::Error,
+            Err(Halted::Cut(Cut)) => End::Cut,
+        }
+    };
+    tokio::select! {
+        end = both => end,
+        () = meter.idle(idle) => End::Idle,
+        () = stop.cancelled() => End::Shutdown,
+    }
+}
+
+async fn copy<R, W>(r: &mut R, w: &mut W, flow: &Flow) -> Result<(), Halted>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the end of stream on, keep the other direction open.
+            return Ok(w.shutdown().await?);
+        }
+        w.write_all(buf.get(..n).unwrap_or_default()).await?;
+        if let ControlFlow::Break(cut) = flow.pass(n) {
+            return Err(Halted::Cut(cut));
+        }
+    }
+}
+
+const COPY_BUF: usize = 256 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+    use tokio::net::TcpListener;
+
+    async fn half_close_exchange<C, U>(client_peer: C, upstream_peer: U) -> (u64, u64)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_peer.write_all(&p2).await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client_peer.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.unwrap();
+        assert!(got == payload, "upstream got every byte in order, then end of stream");
+        upstream_peer.write_all(b"reply after half-close").await.unwrap();
+        upstream_peer.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply after half-close");
+        (payload.len() as u64, 22)
+    }
+
+    #[tokio::test]
+    async fn copies_every_byte_both_ways_with_half_close() {
+        let (client, client_peer) = duplex(1024);
+        let (upstream, upstream_peer) = duplex(1024);
+        let meter = Meter::new();
+        let m = meter.clone();
+        let t = tokio::spawn(async move {
+            tunnel(client, upstream, b"", &m, Duration::from_secs(5), CancellationToken::new()).await
+        });
+        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
+        assert_eq!(t.await.unwrap(), End::Closed);
+        assert_eq!(meter.bytes(), (up, down));
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        #[allow(clippy::disallowed_methods)]
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn splices_every_byte_both_ways_with_half_close() {
+        let (client_peer, client) = tcp_pair().await;
+        let (upstream, upstream_peer) = tcp_pair().await;
+        let meter = Meter::new();
+        let m = meter.clone();
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, b"", &m, Duration::from_secs(5), CancellationToken::new()).await
+        });
+        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
+        assert_eq!(t.await.unwrap(), End::Closed);
+        assert_eq!(meter.bytes(), (up, down));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_an_idle_tunnel() {
+        let (client, _c) = duplex(64);
+        let (upstream, _u) = duplex(64);
+        let done =
+            tunnel(client, upstream, b"", &Meter::new(), Duration::from_secs(30), CancellationToken::new()).await;
+        assert_eq!(done, End::Idle);
+    }
+
+    #[tokio::test]
+    async fn replays_the_prefix_through_the_meter_before_the_stream() {
+        let (client_peer, client) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        let meter = Meter::new();
+        let m = meter.clone();
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, b"hello ", &m, Duration::from_secs(5), CancellationToken::new()).await
+        });
+        let mut client_peer = client_peer;
+        client_peer.write_all(b"world").await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+        upstream_peer.shutdown().await.unwrap();
+        assert_eq!(t.await.unwrap(), End::Closed);
+        assert_eq!(meter.bytes(), (11, 0));
+    }
+
+    #[tokio::test]
+    async fn a_cut_meter_stops_the_copy_at_the_next_chunk() {
+        let (mut client_peer, client) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        let meter = Meter::new();
+        let m = meter.clone();
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, b"", &m, Duration::from_secs(5), CancellationToken::new()).await
+        });
+        client_peer.write_all(b"first").await.unwrap();
+        let mut first = [0u8; 5];
+        upstream_peer.read_exact(&mut first).await.unwrap();
+        meter.cut();
+        client_peer.write_all(b"second").await.unwrap();
+        assert_eq!(t.await.unwrap(), End::Cut);
+        assert_eq!(meter.bytes(), (11, 0));
+    }
+}

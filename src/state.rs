@@ -1,0 +1,180 @@
+//! What every connection shares: the policy in force, the resolver, the audit log, the metrics
+//! and the limits. `State::apply` is the one writer of the policy in force; start-up and every
+//! reload trigger (`reload.rs`) go through it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::audit::Audit;
+use crate::config::{self, Config};
+use crate::load::Loaded;
+use crate::metrics::Metrics;
+use crate::policy::{HostName, Policy};
+use crate::resolve::Resolver;
+
+/// Everything a connection needs, shared by all of them.
+pub struct State {
+    /// The policy in force. Written only by `apply`; read once per decision with `load_full`.
+    pub policy: ArcSwap<Policy>,
+    /// What `/policy` shows about the policy in force.
+    pub info: ArcSwap<PolicyInfo>,
+    pub resolver: Resolver,
+    pub audit: Audit,
+    pub metrics: Metrics,
+    /// Read at start only: changing `[limits]` needs a restart.
+    pub limits: Limits,
+    /// `[transparent] original_dst_mismatch`.
+    pub mismatch: config::Mismatch,
+    /// Every configured listener is bound and accepting.
+    pub ready: AtomicBool,
+    next_id: AtomicU64,
+}
+
+/// Runtime limits and timeouts, from `[limits]`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Limits {
+    pub max_request_head_bytes: usize,
+    pub request_head_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// What `/policy` shows about the policy in force.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyInfo {
+    pub hash: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub loaded_at: SystemTime,
+    pub source: String,
+    pub service_tags_change_number: u64,
+    pub disabled: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+// === impl State ===
+
+impl State {
+    /// The shared state for `config`, with an empty policy (which refuses everything) in force
+    /// until `apply` puts one in. Opens the audit log.
+    pub fn new(config: &Config) -> std::io::Result<Self> {
+        let metrics = Metrics::new();
+        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.0, &metrics);
+        let audit_path = match config.audit.path.as_deref().unwrap_or("-") {
+            "-" => "-".to_string(),
+            p => config.relative_path(p).display().to_string(),
+        };
+        let audit = Audit::open(&audit_path, metrics.clone())?;
+        Ok(Self {
+            policy: ArcSwap::from_pointee(Policy::empty()),
+            info: ArcSwap::from_pointee(PolicyInfo::default()),
+            resolver,
+            audit,
+            metrics,
+            limits: Limits::from(&config.limits),
+            mismatch: config.transparent.original_dst_mismatch,
+            ready: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// `new`, then `apply`: the state for a loaded configuration with its policy in force.
+    pub fn build(loaded: Loaded) -> std::io::Result<Self> {
+        let state = Self::new(&loaded.config)?;
+        state.apply(loaded);
+        Ok(state)
+    }
+
+    /// Puts a loaded policy in force: the resolver's pins, `/policy`, the metrics, and last the
+    /// policy itself, so that a connection that sees the new policy also sees its pins.
+    pub fn apply(&self, loaded: Loaded) {
+        let Loaded { config, compiled, tags, hash, tags_written, .. } = loaded;
+        let metrics = &self.metrics;
+        metrics.config_info.reset();
+        metrics.config_info.with_label_values(&[&hash]).set(1);
+        let now = SystemTime::now();
+        metrics.last_reload_success.set(unix_seconds(now));
+        metrics.tags_change_number.set(i64::try_from(tags.change_number()).unwrap_or(i64::MAX));
+        metrics.tags_timestamp.set(tags_written.map_or(0.0, unix_seconds));
+        self.resolver.set_pins(pins(&config));
+        self.info.store(Arc::new(PolicyInfo {
+            hash,
+            loaded_at: now,
+            source: config.source.origin.to_string(),
+            service_tags_change_number: tags.change_number(),
+            disabled: compiled.disabled,
+            warnings: compiled
+                .warnings
+                .iter()
+                .map(|w| format!("rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message))
+                .collect(),
+        }));
+        self.policy.store(Arc::new(compiled.policy));
+    }
+
+    /// A fresh id for one decision, shared by its decision and close lines.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+// === impl Limits ===
+
+impl From<&config::Limits> for Limits {
+    fn from(l: &config::Limits) -> Self {
+        Self {
+            max_request_head_bytes: *l.max_request_head_bytes.get_ref(),
+            request_head_timeout: l.request_head_timeout.0,
+            connect_timeout: l.connect_timeout.0,
+            idle_timeout: l.idle_timeout.0,
+            max_connections: l.max_connections,
+            max_connections_per_client: l.max_connections_per_client,
+            shutdown_grace: l.shutdown_grace.0,
+        }
+    }
+}
+
+// === impl PolicyInfo ===
+
+impl Default for PolicyInfo {
+    fn default() -> Self {
+        Self {
+            hash: String::new(),
+            loaded_at: SystemTime::UNIX_EPOCH,
+            source: String::new(),
+            service_tags_change_number: 0,
+            disabled: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// The `[resolve] static` pins, as the resolver wants them. Names were validated by `compile`.
+fn pins(config: &Config) -> HashMap<HostName, Vec<IpAddr>> {
+    config
+        .resolve
+        .static_hosts
+        .iter()
+        .filter_map(|(name, addrs)| HostName::parse(name).ok().map(|n| (n, addrs.get_ref().clone())))
+        .collect()
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+}
