@@ -8,36 +8,13 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::reload::Reloader;
 use crate::state::State;
 
-/// Serves one admin connection; `server::run` accepts them, within their own limit, and tracks
-/// them with every other connection. On `shutdown` the request in flight is answered, then the
-/// connection closes.
-pub async fn serve(stream: TcpStream, state: Arc<State>, reloader: Option<Arc<Reloader>>, shutdown: CancellationToken) {
-    let svc = service_fn(move |req| respond(req, state.clone(), reloader.clone()));
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
-    let conn = b.serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "Admin connection ended with an error");
-    }
-}
-
-async fn respond(
+/// Answers one admin request. `server::run` accepts admin connections, within their own limit,
+/// and tracks and drains them with every other connection.
+pub async fn respond(
     req: Request<Incoming>,
     state: Arc<State>,
     reloader: Option<Arc<Reloader>>,
@@ -103,4 +80,3 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 const TOP_SHOWN: usize = 50;
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

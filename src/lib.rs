@@ -1,22 +1,46 @@
 //! egress-proxy: a default-deny forward proxy that lets out only what a policy allows, and says why.
 //!
+//! # The path of a connection
+//!
+//! Every listener takes the same path, in `proxy/`:
+//!
+//! ```text
+//! server   accept, within the connection limits (overall, per client)
+//! detect   read a bounded prefix: the request head (hyper on the explicit listener, httparse on
+//!          `plain`) or the ClientHello (`tls`), until a sans-IO parser says complete or refused
+//! authorize  decide → resolve → check every address → Permit (only authorize.rs can build one)
+//! dial     the only outbound connect; it takes a &Permit and times the connect
+//! check    the tunnel's first bytes: a ClientHello, its SNI against the name decided, ECH
+//! tunnel   splice (or copy) both ways, every byte through the connection's Meter
+//! close    the CloseRecord writes the close line and the byte metrics
+//! ```
+//!
+//! One `proxy::conn::Conn` per connection (per request on the explicit listener) writes each of
+//! its audit lines and moves its metrics; no listener writes its own.
+//!
 //! # Layout
 //! - `policy`: the pure decision engine (hosts, patterns, ranges, built-in protections); no I/O.
 //! - `tls`: sans-IO ClientHello reader (server name, ALPN, ECH); no I/O.
 //! - `service_tags`: Azure Service Tags JSON → tag table; no I/O.
-//! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
 //! - `config`: the only code that knows the TOML format; errors name file, line and field.
+//! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
+//! - `state`: what every connection shares; `State::apply` is the one writer of the policy in force.
 //! - `resolve`: `[resolve] static` pins, then DNS (hickory); returns every address.
-//! - `proxy`: decide → resolve → check each address → `Permit` → `dial`; CONNECT, forwarding, tunnels.
-//! - `server`: listeners, connection limits, graceful drain; `run` for the binary and for tests.
-//! - `audit`: one JSON line per decision and per closed connection.
-//! - `reload`: SIGHUP, file watch and `POST /reload` build a whole new policy, then swap it in.
-//! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
+//! - `proxy`: the path above: `detect`, `authorize`, `dial`, `conn`, `tunnel`, and the listeners
+//!   that use them (`http` with `connect` and `forward`; `transparent`).
+//! - `server`: takes bound listeners, accepts within the limits, drains on
+//!   shutdown; the admin endpoints are served in the same tracker.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
-//! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
-//! - `metrics`: the Prometheus catalogue over an owned registry; moved by audit events.
+//! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it.
+//! - `metrics`: the Prometheus catalogue over an owned registry.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
-//! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
+//! - `reload`: the reload triggers (SIGHUP, file watch, `POST /reload`); each ends in `State::apply`.
+//! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
+//! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
+//! - `app`: the `run` command's wiring: bind, signals, reload triggers, refresh, `server::run`.
+//! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`); all printing.
+//!
+//! Imports run one way: `cli` → `app` → `server` → `admin`/`proxy` → `state` → `policy`.
 
 pub mod admin;
 pub mod app;

@@ -1,11 +1,13 @@
-//! Binds the listeners, accepts connections within the limits, and drains on shutdown.
+//! Accepts connections on bound listeners within the limits, and drains on shutdown.
 //!
 //! `run` takes bound listeners and a shutdown token, so tests bind 127.0.0.1:0 and pass them in.
 //! On shutdown: stop accepting, let open connections and tunnels finish for the grace period,
 //! then close what is left.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -142,9 +144,17 @@ async fn accept_admin(
             tracing::warn!(client.addr = %client, limit = ADMIN_CONNECTIONS, "Admin connection refused: at its limit");
             continue;
         };
-        let conn = admin::serve(stream, state.clone(), reloader.clone(), shutdown.clone());
+        let (state, reloader, shutdown) = (state.clone(), reloader.clone(), shutdown.clone());
         tracker.spawn(async move {
-            conn.await;
+            let svc = service_fn(move |req| admin::respond(req, state.clone(), reloader.clone()));
+            let mut b = http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(ADMIN_HEAD_TIMEOUT);
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let result = until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "Admin connection ended with an error");
+            }
             drop(slot);
         });
     }
@@ -200,13 +210,7 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
     let svc = service_fn(move |req| handle(req, svc_cx.clone()));
     let conn = http1_builder(&limits).serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         // hyper restarts the head timer when a kept-alive connection goes idle: a timeout after
         // a served request is an idle client going away, not a slow request head.
@@ -221,6 +225,22 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
         match refusal {
             Some(r) => Conn::new(&cx.state, cx.client, Listener::Http, None).refused(None, None, &r),
             None => tracing::debug!(error = %e, "Connection ended with an error"),
+        }
+    }
+}
+
+/// Drives an HTTP connection; once `shutdown` is cancelled, asks it to finish the request in
+/// flight and close (`graceful`), and waits for that.
+async fn until_shutdown<C: Future>(
+    mut conn: Pin<&mut C>,
+    shutdown: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
         }
     }
 }
@@ -286,3 +306,4 @@ impl Drop for Slot {
 const OVERFLOW_ANSWERS: usize = 64;
 /// Admin connections open at once (Prometheus, probes, an operator's curl).
 const ADMIN_CONNECTIONS: usize = 32;
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);

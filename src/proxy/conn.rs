@@ -94,10 +94,6 @@ impl Conn {
         self
     }
 
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
-    }
-
     /// Decides a destination the client named (explicit listener).
     pub async fn authorize(&self, dest: &Destination) -> Result<Permit, Refusal> {
         authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await

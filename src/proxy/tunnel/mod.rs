@@ -66,7 +66,8 @@ pub async fn tunnel_tcp(
     }
     let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
         (Ok(a), Ok(b)) => (a, b),
-        _ => return copy_both(client, upstream, up, down, meter, idle, stop).await,
+        // No pipe to be had: copy through a buffer instead (the prefix is already replayed).
+        _ => return tunnel(client, upstream, b"", meter, idle, stop).await,
     };
     let up_half = splice_one_way(&client, &upstream, &up_pipe, &up);
     let down_half = splice_one_way(&upstream, &client, &down_pipe, &down);
@@ -90,7 +91,11 @@ where
     if let Err(end) = replay(&mut upstream, prefix, &up).await {
         return end;
     }
-    copy_both(client, upstream, up, down, meter, idle, stop).await
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up_half = copy(&mut cr, &mut uw, &up);
+    let down_half = copy(&mut ur, &mut cw, &down);
+    drive(up_half, down_half, meter, idle, stop).await
 }
 
 async fn replay<U: AsyncWrite + Unpin>(upstream: &mut U, prefix: &[u8], up: &Flow) -> Result<(), End> {
@@ -102,26 +107,6 @@ async fn replay<U: AsyncWrite + Unpin>(upstream: &mut U, prefix: &[u8], up: &Flo
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(Cut) => Err(End::Cut),
     }
-}
-
-async fn copy_both<C, U>(
-    client: C,
-    upstream: U,
-    up: Flow,
-    down: Flow,
-    meter: &Meter,
-    idle: Duration,
-    stop: CancellationToken,
-) -> End
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up_half = copy(&mut cr, &mut uw, &up);
-    let down_half = copy(&mut ur, &mut cw, &down);
-    drive(up_half, down_half, meter, idle, stop).await
 }
 
 /// Runs both directions together under the idle watchdog and the stop token.
