@@ -112,7 +112,7 @@ pub struct ServiceTags {
     /// Where to fetch fresh Service Tags JSON from (HTTPS); written to `file` when it validates.
     pub url: Option<Spanned<String>>,
     /// How often to fetch `url` (default 24h).
-    pub refresh: Option<Seconds>,
+    pub refresh: Option<Spanned<Seconds>>,
     /// Extra PEM trust anchors for `url`, relative to the config file (for private mirrors).
     pub ca_file: Option<String>,
 }
@@ -180,7 +180,7 @@ pub struct ResolveConfig {
     pub static_hosts: BTreeMap<String, Spanned<Vec<IpAddr>>>,
     /// Upper bound on one DNS lookup.
     #[serde(default = "dns_timeout")]
-    pub timeout: Seconds,
+    pub timeout: Spanned<Seconds>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,7 +190,8 @@ pub struct AuditConfig {
     pub path: Option<String>,
 }
 
-/// Limits and timeouts; every one has a default an operator would pick.
+/// Limits and timeouts; every one has a default an operator would pick. Each keeps its place in
+/// the file (`0..0` when not written), so that the policy compiler can point at a bad value.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -199,19 +200,19 @@ pub struct Limits {
     pub max_request_head_bytes: Spanned<usize>,
     /// A client that has not sent a whole request head by then is dropped (slowloris).
     #[serde(default = "request_head_timeout")]
-    pub request_head_timeout: Seconds,
+    pub request_head_timeout: Spanned<Seconds>,
     #[serde(default = "connect_timeout")]
-    pub connect_timeout: Seconds,
+    pub connect_timeout: Spanned<Seconds>,
     /// A tunnel with no bytes either way for this long is closed.
     #[serde(default = "idle_timeout")]
-    pub idle_timeout: Seconds,
+    pub idle_timeout: Spanned<Seconds>,
     #[serde(default = "max_connections")]
-    pub max_connections: usize,
+    pub max_connections: Spanned<usize>,
     #[serde(default = "max_connections_per_client")]
-    pub max_connections_per_client: usize,
+    pub max_connections_per_client: Spanned<usize>,
     /// On SIGTERM, how long open tunnels may run before they are closed.
     #[serde(default = "shutdown_grace")]
-    pub shutdown_grace: Seconds,
+    pub shutdown_grace: Spanned<Seconds>,
 }
 
 /// A duration written the way operators write them: `"10s"`, `"1m 30s"`, `"250ms"`.
@@ -404,32 +405,37 @@ fn yes() -> bool {
     true
 }
 
-fn secs(s: u64) -> Seconds {
-    Seconds(Duration::from_secs(s))
+/// A default: the value with no place in the file (it is not written there).
+fn unwritten<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
 }
 
-fn dns_timeout() -> Seconds {
+fn secs(s: u64) -> Spanned<Seconds> {
+    unwritten(Seconds(Duration::from_secs(s)))
+}
+
+fn dns_timeout() -> Spanned<Seconds> {
     secs(5)
 }
 fn max_request_head_bytes() -> Spanned<usize> {
-    Spanned::new(0..0, 32 * 1024)
+    unwritten(32 * 1024)
 }
-fn request_head_timeout() -> Seconds {
+fn request_head_timeout() -> Spanned<Seconds> {
     secs(10)
 }
-fn connect_timeout() -> Seconds {
+fn connect_timeout() -> Spanned<Seconds> {
     secs(10)
 }
-fn idle_timeout() -> Seconds {
+fn idle_timeout() -> Spanned<Seconds> {
     secs(600)
 }
-fn max_connections() -> usize {
-    4096
+fn max_connections() -> Spanned<usize> {
+    unwritten(4096)
 }
-fn max_connections_per_client() -> usize {
-    1024
+fn max_connections_per_client() -> Spanned<usize> {
+    unwritten(1024)
 }
-fn shutdown_grace() -> Seconds {
+fn shutdown_grace() -> Spanned<Seconds> {
     secs(30)
 }
 

@@ -65,7 +65,7 @@ impl State {
     pub fn build(loaded: Loaded) -> std::io::Result<Self> {
         let metrics = Metrics::new();
         let config = &loaded.config;
-        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.0, &metrics);
+        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.get_ref().0, &metrics);
         let audit_path = match config.audit.path.as_deref().unwrap_or("-") {
             "-" => "-".to_string(),
             p => config.relative_path(p).display().to_string(),
@@ -96,12 +96,12 @@ impl From<&config::Limits> for Limits {
     fn from(l: &config::Limits) -> Self {
         Self {
             max_request_head_bytes: *l.max_request_head_bytes.get_ref(),
-            request_head_timeout: l.request_head_timeout.0,
-            connect_timeout: l.connect_timeout.0,
-            idle_timeout: l.idle_timeout.0,
-            max_connections: l.max_connections,
-            max_connections_per_client: l.max_connections_per_client,
-            shutdown_grace: l.shutdown_grace.0,
+            request_head_timeout: l.request_head_timeout.get_ref().0,
+            connect_timeout: l.connect_timeout.get_ref().0,
+            idle_timeout: l.idle_timeout.get_ref().0,
+            max_connections: *l.max_connections.get_ref(),
+            max_connections_per_client: *l.max_connections_per_client.get_ref(),
+            shutdown_grace: l.shutdown_grace.get_ref().0,
         }
     }
 }
