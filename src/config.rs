@@ -1,12 +1,14 @@
 //! The only code that knows the configuration file format (TOML).
 //!
 //! Parsing is strict: unknown fields are errors, and every error names the file, line, column and
-//! field. Values that are checked after parsing (patterns, ranges, tags) keep their spans, so the
-//! policy compiler can point at them too. `Config::from_str` takes text; `Config::load` reads a file.
+//! field (the path the deserializer was at; a TOML syntax error, found before any field is read,
+//! has none). Values that are checked after parsing (patterns, ranges, durations, limits) keep
+//! their spans, so the policy compiler can point at them too. `Config::from_str` takes text;
+//! `Config::load` reads a file.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
@@ -266,14 +268,15 @@ impl Config {
     /// Parses configuration text; `origin` is used in error messages and to find relative files.
     pub fn from_str(text: &str, origin: Origin) -> Result<Self, ConfigErrors> {
         let source = Source { origin, text: text.into() };
-        match toml::from_str::<Config>(text) {
+        match serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(text)) {
             Ok(mut config) => {
                 config.source = source;
                 Ok(config)
             }
             Err(e) => {
+                let field = field_path(e.path());
+                let e = e.into_inner();
                 let span = e.span().unwrap_or(0..0);
-                let field = field_at(text, &span, e.message());
                 Err(ConfigErrors(vec![source.error(span, field, e.message().trim().to_string())]))
             }
         }
@@ -468,35 +471,39 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Names the field an error from the TOML parser is about: the unknown field it names, or the key
-/// on the error's line, prefixed with the table it sits in (`rule[2].ports`).
-fn field_at(text: &str, span: &Range<usize>, message: &str) -> String {
-    let before = text.get(..span.start.min(text.len())).unwrap_or_default();
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text.get(line_start..).unwrap_or_default().lines().next().unwrap_or_default();
-    let key = match message.split('`').nth(1) {
-        Some(name) if message.starts_with("unknown field") => name.to_string(),
-        _ => line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default(),
-    };
-    // The innermost table header above the line, with the index of `[[array]]` tables.
-    let mut table = String::new();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for l in text.get(..line_start).unwrap_or_default().lines() {
-        let l = l.trim();
-        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            let n = counts.entry(name.trim().to_string()).or_insert(0);
-            table = format!("{}[{}]", name.trim(), n);
-            *n += 1;
-        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().to_string();
+/// The field a deserialization error is about, from the path the deserializer was at, in the form
+/// the compile step uses too: keys joined with `.`, quoted when they are not bare TOML keys
+/// (`resolve.static."ml.azure.com"`), and the index of a table in an array of tables
+/// (`rule[2].ports`). A trailing index (an element of a list of values, or a table that misses a
+/// field) is left out: the error names the field, its position shows the element. Empty for a
+/// syntax error, found before any field is read.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    let mut index = None;
+    for segment in path {
+        match segment {
+            // How `toml::Spanned` carries a value through serde: not a key of the file.
+            Segment::Map { key } if key.starts_with("$__serde_spanned_private") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if let Some(i) = index.take() {
+                    let _ = write!(field, "[{i}]");
+                }
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+                if bare {
+                    field.push_str(key);
+                } else {
+                    let _ = write!(field, "{key:?}");
+                }
+            }
+            Segment::Seq { index: i } => index = Some(*i),
+            Segment::Unknown => {}
         }
     }
-    let key = if line.trim_start().starts_with('[') { String::new() } else { key };
-    match (table.is_empty(), key.is_empty()) {
-        (true, _) => key,
-        (false, true) => table,
-        (false, false) => format!("{table}.{key}"),
-    }
+    field
 }
 
 #[cfg(test)]
@@ -528,6 +535,26 @@ mod tests {
         assert_eq!((e.line, e.field.as_str()), (2, "limits.connect_timeout"));
         let e = err("[[rule]]\nname = \"a\"\n");
         assert!(e.msg.contains("missing field `action`"), "{}", e.msg);
+    }
+
+    #[test]
+    fn field_paths_come_from_the_deserializer_however_the_file_is_written() {
+        let e = err("rule = [{ name = \"a\", action = \"allow\", ports = [0] }]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "rule[0].ports"));
+        let e = err("limits.connect_timeout = \"x\"\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "limits.connect_timeout"));
+        let e = err("[resolve.static]\n\"ML.azure.com\" = [\"127.0.0.1\", \"x\"]\nfoo = [\"y\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "resolve.static.\"ML.azure.com\""));
+        let e = err("[resolve.static]\nfoo = [\"y\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "resolve.static.foo"));
+        let e = err("[[rule]]\nname = \"a\"\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "rule"));
+        let e = err("[limitz]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "limitz"));
+        // A syntax error comes before any field is read.
+        let e = err("[limits]\nconnect_timeout = ten\n");
+        assert_eq!((e.line, e.field.as_str()), (2, ""));
+        assert_eq!(e.to_string().lines().next(), Some("p.toml:2:19: invalid string"));
     }
 
     #[test]
