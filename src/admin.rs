@@ -78,9 +78,9 @@ fn policy_json(state: &State) -> String {
         .map(|r| {
             serde_json::json!({
                 "name": r.name.as_ref(),
-                "action": format!("{:?}", r.action).to_lowercase(),
-                "protocol": format!("{:?}", r.protocol).to_lowercase(),
-                "ports": r.ports.iter().map(|p| if p.start() == p.end() { p.start().to_string() } else { format!("{}-{}", p.start(), p.end()) }).collect::<Vec<_>>(),
+                "action": r.action.as_str(),
+                "protocol": r.protocol.as_str(),
+                "ports": r.ports.ranges().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "hosts": r.patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                 "service_tags": r.tags.iter().map(|(t, n)| serde_json::json!({"name": t, "prefixes": n})).collect::<Vec<_>>(),
                 "cidrs": r.cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),

@@ -163,9 +163,38 @@ pub enum Protocol {
     Udp,
 }
 
-/// A port (`443`) or an inclusive range (`"8000-8100"`); port 0 is refused.
+impl Action {
+    /// The name the file gives it, as `validate` and `/policy` show it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl Protocol {
+    /// The name the file gives it, as `validate` and `/policy` show it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A port (`443`) or an inclusive range (`"8000-8100"`); port 0 is refused. Shown as written.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct PortRange(pub RangeInclusive<u16>);
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0.start(), self.0.end()) {
+            (a, b) if a == b => write!(f, "{a}"),
+            (a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -565,6 +594,19 @@ mod tests {
         assert_eq!(c.rules[0].ports, Some(vec![PortRange(443..=443), PortRange(8000..=8100)]));
         assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[0]\n").msg.contains("port 0"));
         assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[\"9-1\"]\n").msg.contains("\"9-1\""));
+    }
+
+    #[test]
+    fn actions_and_protocols_are_shown_as_the_file_spells_them() {
+        use serde::de::IntoDeserializer;
+        for a in [Action::Allow, Action::Deny] {
+            let back: Result<Action, de::value::Error> = Action::deserialize(a.as_str().into_deserializer());
+            assert_eq!(back, Ok(a));
+        }
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            let back: Result<Protocol, de::value::Error> = Protocol::deserialize(p.as_str().into_deserializer());
+            assert_eq!(back, Ok(p));
+        }
     }
 
     #[test]

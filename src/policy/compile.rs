@@ -11,7 +11,7 @@ use super::host::HostName;
 use super::names::{NameIndex, Pattern};
 use super::nets::RangeIndex;
 use super::safety::Safety;
-use super::{Policy, Rule};
+use super::{Policy, PortSet, Rule};
 use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Seconds, Source};
 use crate::service_tags::TagTable;
 
@@ -271,10 +271,7 @@ impl Cx<'_> {
         ranges.extend_from_slice(&cidr_nets);
         let source_nets: Vec<IpNet> =
             sources.iter().enumerate().filter_map(|(i, s)| self.net(s, format!("{label}.sources[{i}]"))).collect();
-        let ports: Vec<_> = match ports {
-            Some(list) => list.iter().map(|PortRange(r)| r.clone()).collect(),
-            None => vec![443..=443],
-        };
+        let ports = PortSet::new(ports.clone().unwrap_or_else(|| vec![PortRange(443..=443)]));
 
         if hosts.is_empty() && cidrs.is_empty() && service_tags.is_empty() {
             self.error(
@@ -283,16 +280,17 @@ impl Cx<'_> {
                 "the rule names no destination: give hosts, cidrs or service_tags".into(),
             );
         }
-        if ports.is_empty() {
+        if ports.is_none() {
             self.error(
                 name.span(),
                 &format!("{label}.ports"),
                 "an empty port list matches nothing; leave it out for [443]".into(),
             );
         }
-        if self.errors.len() > before {
-            return None;
-        }
+        let ports = match ports {
+            Some(ports) if self.errors.len() == before => ports,
+            _ => return None,
+        };
         if storage_open && rc.enabled {
             let message = if patterns.is_empty() && !ranges.is_empty() {
                 "storage_accounts is empty: storage is open to any account in the region behind the rule's service tags (set storage_accounts to the workspace's accounts)"
@@ -305,7 +303,7 @@ impl Cx<'_> {
             name: name.get_ref().as_str().into(),
             action: *action,
             protocol: *protocol,
-            ports: ports.into_boxed_slice(),
+            ports,
             sources: source_nets.into_boxed_slice(),
             patterns,
             tags: tag_names,
