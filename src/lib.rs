@@ -16,6 +16,7 @@
 //! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
 //! - `metrics`: the Prometheus catalogue over an owned registry; moved by audit events.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
+//! - `time`: the one way times are written (RFC 3339, milliseconds) in audit lines and JSON.
 //! - `cli`: the command line (`run`, `check`, `validate`); all printing lives here.
 
 pub mod admin;
@@ -33,4 +34,5 @@ pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod service_tags;
+pub mod time;
 pub mod tls;

@@ -24,7 +24,7 @@ use crate::proxy::State;
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyInfo {
     pub hash: String,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub loaded_at: SystemTime,
     pub source: String,
     pub service_tags_change_number: u64,
@@ -197,8 +197,4 @@ const RETRY_FAILED: Duration = Duration::from_secs(30);
 
 fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
 }
