@@ -2,13 +2,18 @@
 //! `/denied`, and `POST /reload`. Bind it to loopback, or to a network only Prometheus reaches.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use ipnet::IpNet;
+use serde::{Serialize, Serializer};
 
+use crate::config::PortRange;
+use crate::policy::{Pattern, Rule};
 use crate::reload::Reloader;
 use crate::state::State;
 
@@ -50,24 +55,59 @@ pub async fn respond(
 fn policy_json(state: &State) -> String {
     let policy = state.policy.load();
     let info = state.info.load();
-    let rules: Vec<serde_json::Value> = policy
-        .rules()
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "name": r.name.as_ref(),
-                "action": format!("{:?}", r.action).to_lowercase(),
-                "protocol": format!("{:?}", r.protocol).to_lowercase(),
-                "ports": r.ports.iter().map(|p| if p.start() == p.end() { p.start().to_string() } else { format!("{}-{}", p.start(), p.end()) }).collect::<Vec<_>>(),
-                "hosts": r.patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-                "service_tags": r.tags.iter().map(|(t, n)| serde_json::json!({"name": t, "prefixes": n})).collect::<Vec<_>>(),
-                "cidrs": r.cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                "sources": r.sources.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let doc = serde_json::json!({ "info": &**info, "rules": rules });
-    serde_json::to_string_pretty(&doc).unwrap_or_default()
+    let view = PolicyView { info: &**info, rules: policy.rules().iter().map(RuleView::from).collect() };
+    serde_json::to_string_pretty(&view).unwrap_or_default()
+}
+
+/// What `/policy` shows: how the policy in force was loaded (`info`), and its rules.
+#[derive(Serialize)]
+struct PolicyView<'a, Info> {
+    info: &'a Info,
+    rules: Vec<RuleView<'a>>,
+}
+
+/// One compiled rule as `/policy` shows it: its placeholders expanded, each value as text.
+#[derive(Serialize)]
+struct RuleView<'a> {
+    name: &'a str,
+    action: &'static str,
+    protocol: &'static str,
+    #[serde(serialize_with = "strings")]
+    ports: &'a [PortRange],
+    #[serde(serialize_with = "strings")]
+    hosts: &'a [Pattern],
+    service_tags: Vec<TagView<'a>>,
+    #[serde(serialize_with = "strings")]
+    cidrs: &'a [IpNet],
+    #[serde(serialize_with = "strings")]
+    sources: &'a [IpNet],
+}
+
+/// A service tag of a rule, as Azure spells it, with the number of its prefixes.
+#[derive(Serialize)]
+struct TagView<'a> {
+    name: &'a str,
+    prefixes: usize,
+}
+
+impl<'a> From<&'a Rule> for RuleView<'a> {
+    fn from(r: &'a Rule) -> Self {
+        Self {
+            name: &r.name,
+            action: r.action.as_str(),
+            protocol: r.protocol.as_str(),
+            ports: r.ports.ranges(),
+            hosts: &r.patterns,
+            service_tags: r.tags.iter().map(|(name, prefixes)| TagView { name, prefixes: *prefixes }).collect(),
+            cidrs: &r.cidrs,
+            sources: &r.sources,
+        }
+    }
+}
+
+/// A list as JSON strings, each item in its text form (`Display`).
+fn strings<T: fmt::Display, S: Serializer>(items: &&[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(items.iter().map(ToString::to_string))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -80,3 +120,29 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 const TOP_SHOWN: usize = 50;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Origin};
+
+    #[test]
+    fn a_rule_is_shown_with_every_field_as_text() {
+        let text = "[[rule]]\nname = \"web\"\naction = \"deny\"\nhosts = [\"*.example.org\"]\n\
+                    cidrs = [\"192.0.2.0/24\"]\nports = [80, \"8000-8080\"]\nsources = [\"10.0.0.0/8\"]\n";
+        let config = Config::from_str(text, Origin::Embedded).unwrap();
+        let compiled = crate::policy::compile(&config, &Default::default()).unwrap();
+        let rule = serde_json::to_value(RuleView::from(&compiled.policy.rules()[0])).unwrap();
+        let want = serde_json::json!({
+            "name": "web",
+            "action": "deny",
+            "protocol": "tcp",
+            "ports": ["80", "8000-8080"],
+            "hosts": ["*.example.org"],
+            "service_tags": [],
+            "cidrs": ["192.0.2.0/24"],
+            "sources": ["10.0.0.0/8"],
+        });
+        assert_eq!(rule, want);
+    }
+}

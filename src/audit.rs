@@ -118,7 +118,8 @@ pub struct Closed<'a> {
 
 #[derive(Serialize)]
 struct Line<'a, T> {
-    ts: String,
+    #[serde(serialize_with = "crate::time::rfc3339")]
+    ts: SystemTime,
     event: &'static str,
     #[serde(flatten)]
     body: &'a T,
@@ -165,8 +166,7 @@ impl Audit {
     }
 
     fn write<T: Serialize>(&self, event: &'static str, body: &T) {
-        let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let line = serde_json::to_vec(&Line { ts, event, body });
+        let line = serde_json::to_vec(&Line { ts: SystemTime::now(), event, body });
         let ok = match (line, self.sink.lock()) {
             (Ok(mut line), Ok(mut sink)) => {
                 line.push(b'\n');

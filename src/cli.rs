@@ -210,11 +210,6 @@ fn validate(args: ConfigArgs) -> ExitCode {
         tags.len(),
     );
     for r in policy.rules() {
-        let ports: Vec<String> = r
-            .ports
-            .iter()
-            .map(|p| if p.start() == p.end() { p.start().to_string() } else { format!("{}-{}", p.start(), p.end()) })
-            .collect();
         let mut parts = Vec::new();
         if !r.patterns.is_empty() {
             parts.push(format!("hosts {}", r.patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")));
@@ -231,9 +226,8 @@ fn validate(args: ConfigArgs) -> ExitCode {
         if !r.sources.is_empty() {
             parts.push(format!("sources {}", r.sources.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")));
         }
-        let action = format!("{:?}", r.action).to_lowercase();
-        let proto = format!("{:?}", r.protocol).to_lowercase();
-        let _ = writeln!(out, "rule {} {action} {proto} ports {}: {}", r.name, ports.join(","), parts.join("; "));
+        let (action, proto) = (r.action.as_str(), r.protocol.as_str());
+        let _ = writeln!(out, "rule {} {action} {proto} ports {}: {}", r.name, r.ports, parts.join("; "));
     }
     if !compiled.disabled.is_empty() {
         let _ = writeln!(out, "disabled: {}", compiled.disabled.join(", "));

@@ -1,12 +1,14 @@
 //! The only code that knows the configuration file format (TOML).
 //!
 //! Parsing is strict: unknown fields are errors, and every error names the file, line, column and
-//! field. Values that are checked after parsing (patterns, ranges, tags) keep their spans, so the
-//! policy compiler can point at them too. `Config::from_str` takes text; `Config::load` reads a file.
+//! field (the path the deserializer was at; a TOML syntax error, found before any field is read,
+//! has none). Values that are checked after parsing (patterns, ranges, durations, limits) keep
+//! their spans, so the policy compiler can point at them too. `Config::from_str` takes text;
+//! `Config::load` reads a file.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
@@ -112,7 +114,7 @@ pub struct ServiceTags {
     /// Where to fetch fresh Service Tags JSON from (HTTPS); written to `file` when it validates.
     pub url: Option<Spanned<String>>,
     /// How often to fetch `url` (default 24h).
-    pub refresh: Option<Seconds>,
+    pub refresh: Option<Spanned<Seconds>>,
     /// Extra PEM trust anchors for `url`, relative to the config file (for private mirrors).
     pub ca_file: Option<String>,
 }
@@ -161,9 +163,38 @@ pub enum Protocol {
     Udp,
 }
 
-/// A port (`443`) or an inclusive range (`"8000-8100"`); port 0 is refused.
+impl Action {
+    /// The name the file gives it, as `validate` and `/policy` show it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl Protocol {
+    /// The name the file gives it, as `validate` and `/policy` show it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A port (`443`) or an inclusive range (`"8000-8100"`); port 0 is refused. Shown as written.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct PortRange(pub RangeInclusive<u16>);
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0.start(), self.0.end()) {
+            (a, b) if a == b => write!(f, "{a}"),
+            (a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,7 +211,7 @@ pub struct ResolveConfig {
     pub static_hosts: BTreeMap<String, Spanned<Vec<IpAddr>>>,
     /// Upper bound on one DNS lookup.
     #[serde(default = "dns_timeout")]
-    pub timeout: Seconds,
+    pub timeout: Spanned<Seconds>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,7 +221,8 @@ pub struct AuditConfig {
     pub path: Option<String>,
 }
 
-/// Limits and timeouts; every one has a default an operator would pick.
+/// Limits and timeouts; every one has a default an operator would pick. Each keeps its place in
+/// the file (`0..0` when not written), so that the policy compiler can point at a bad value.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -199,19 +231,19 @@ pub struct Limits {
     pub max_request_head_bytes: Spanned<usize>,
     /// A client that has not sent a whole request head by then is dropped (slowloris).
     #[serde(default = "request_head_timeout")]
-    pub request_head_timeout: Seconds,
+    pub request_head_timeout: Spanned<Seconds>,
     #[serde(default = "connect_timeout")]
-    pub connect_timeout: Seconds,
+    pub connect_timeout: Spanned<Seconds>,
     /// A tunnel with no bytes either way for this long is closed.
     #[serde(default = "idle_timeout")]
-    pub idle_timeout: Seconds,
+    pub idle_timeout: Spanned<Seconds>,
     #[serde(default = "max_connections")]
-    pub max_connections: usize,
+    pub max_connections: Spanned<usize>,
     #[serde(default = "max_connections_per_client")]
-    pub max_connections_per_client: usize,
+    pub max_connections_per_client: Spanned<usize>,
     /// On SIGTERM, how long open tunnels may run before they are closed.
     #[serde(default = "shutdown_grace")]
-    pub shutdown_grace: Seconds,
+    pub shutdown_grace: Spanned<Seconds>,
 }
 
 /// A duration written the way operators write them: `"10s"`, `"1m 30s"`, `"250ms"`.
@@ -265,14 +297,15 @@ impl Config {
     /// Parses configuration text; `origin` is used in error messages and to find relative files.
     pub fn from_str(text: &str, origin: Origin) -> Result<Self, ConfigErrors> {
         let source = Source { origin, text: text.into() };
-        match toml::from_str::<Config>(text) {
+        match serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(text)) {
             Ok(mut config) => {
                 config.source = source;
                 Ok(config)
             }
             Err(e) => {
+                let field = field_path(e.path());
+                let e = e.into_inner();
                 let span = e.span().unwrap_or(0..0);
-                let field = field_at(text, &span, e.message());
                 Err(ConfigErrors(vec![source.error(span, field, e.message().trim().to_string())]))
             }
         }
@@ -404,32 +437,37 @@ fn yes() -> bool {
     true
 }
 
-fn secs(s: u64) -> Seconds {
-    Seconds(Duration::from_secs(s))
+/// A default: the value with no place in the file (it is not written there).
+fn unwritten<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
 }
 
-fn dns_timeout() -> Seconds {
+fn secs(s: u64) -> Spanned<Seconds> {
+    unwritten(Seconds(Duration::from_secs(s)))
+}
+
+fn dns_timeout() -> Spanned<Seconds> {
     secs(5)
 }
 fn max_request_head_bytes() -> Spanned<usize> {
-    Spanned::new(0..0, 32 * 1024)
+    unwritten(32 * 1024)
 }
-fn request_head_timeout() -> Seconds {
+fn request_head_timeout() -> Spanned<Seconds> {
     secs(10)
 }
-fn connect_timeout() -> Seconds {
+fn connect_timeout() -> Spanned<Seconds> {
     secs(10)
 }
-fn idle_timeout() -> Seconds {
+fn idle_timeout() -> Spanned<Seconds> {
     secs(600)
 }
-fn max_connections() -> usize {
-    4096
+fn max_connections() -> Spanned<usize> {
+    unwritten(4096)
 }
-fn max_connections_per_client() -> usize {
-    1024
+fn max_connections_per_client() -> Spanned<usize> {
+    unwritten(1024)
 }
-fn shutdown_grace() -> Seconds {
+fn shutdown_grace() -> Spanned<Seconds> {
     secs(30)
 }
 
@@ -462,35 +500,39 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Names the field an error from the TOML parser is about: the unknown field it names, or the key
-/// on the error's line, prefixed with the table it sits in (`rule[2].ports`).
-fn field_at(text: &str, span: &Range<usize>, message: &str) -> String {
-    let before = text.get(..span.start.min(text.len())).unwrap_or_default();
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text.get(line_start..).unwrap_or_default().lines().next().unwrap_or_default();
-    let key = match message.split('`').nth(1) {
-        Some(name) if message.starts_with("unknown field") => name.to_string(),
-        _ => line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default(),
-    };
-    // The innermost table header above the line, with the index of `[[array]]` tables.
-    let mut table = String::new();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for l in text.get(..line_start).unwrap_or_default().lines() {
-        let l = l.trim();
-        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            let n = counts.entry(name.trim().to_string()).or_insert(0);
-            table = format!("{}[{}]", name.trim(), n);
-            *n += 1;
-        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().to_string();
+/// The field a deserialization error is about, from the path the deserializer was at, in the form
+/// the compile step uses too: keys joined with `.`, quoted when they are not bare TOML keys
+/// (`resolve.static."ml.azure.com"`), and the index of a table in an array of tables
+/// (`rule[2].ports`). A trailing index (an element of a list of values, or a table that misses a
+/// field) is left out: the error names the field, its position shows the element. Empty for a
+/// syntax error, found before any field is read.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    let mut index = None;
+    for segment in path {
+        match segment {
+            // How `toml::Spanned` carries a value through serde: not a key of the file.
+            Segment::Map { key } if key.starts_with("$__serde_spanned_private") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if let Some(i) = index.take() {
+                    let _ = write!(field, "[{i}]");
+                }
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+                if bare {
+                    field.push_str(key);
+                } else {
+                    let _ = write!(field, "{key:?}");
+                }
+            }
+            Segment::Seq { index: i } => index = Some(*i),
+            Segment::Unknown => {}
         }
     }
-    let key = if line.trim_start().starts_with('[') { String::new() } else { key };
-    match (table.is_empty(), key.is_empty()) {
-        (true, _) => key,
-        (false, true) => table,
-        (false, false) => format!("{table}.{key}"),
-    }
+    field
 }
 
 #[cfg(test)]
@@ -525,6 +567,26 @@ mod tests {
     }
 
     #[test]
+    fn field_paths_come_from_the_deserializer_however_the_file_is_written() {
+        let e = err("rule = [{ name = \"a\", action = \"allow\", ports = [0] }]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "rule[0].ports"));
+        let e = err("limits.connect_timeout = \"x\"\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "limits.connect_timeout"));
+        let e = err("[resolve.static]\n\"ML.azure.com\" = [\"127.0.0.1\", \"x\"]\nfoo = [\"y\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "resolve.static.\"ML.azure.com\""));
+        let e = err("[resolve.static]\nfoo = [\"y\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "resolve.static.foo"));
+        let e = err("[[rule]]\nname = \"a\"\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "rule"));
+        let e = err("[limitz]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "limitz"));
+        // A syntax error comes before any field is read.
+        let e = err("[limits]\nconnect_timeout = ten\n");
+        assert_eq!((e.line, e.field.as_str()), (2, ""));
+        assert_eq!(e.to_string().lines().next(), Some("p.toml:2:19: invalid string"));
+    }
+
+    #[test]
     fn port_ranges_parse_and_refuse_zero() {
         let c =
             Config::from_str("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[443, \"8000-8100\"]\n", Origin::Embedded)
@@ -532,6 +594,19 @@ mod tests {
         assert_eq!(c.rules[0].ports, Some(vec![PortRange(443..=443), PortRange(8000..=8100)]));
         assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[0]\n").msg.contains("port 0"));
         assert!(err("[[rule]]\nname=\"a\"\naction=\"allow\"\nports=[\"9-1\"]\n").msg.contains("\"9-1\""));
+    }
+
+    #[test]
+    fn actions_and_protocols_are_shown_as_the_file_spells_them() {
+        use serde::de::IntoDeserializer;
+        for a in [Action::Allow, Action::Deny] {
+            let back: Result<Action, de::value::Error> = Action::deserialize(a.as_str().into_deserializer());
+            assert_eq!(back, Ok(a));
+        }
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            let back: Result<Protocol, de::value::Error> = Protocol::deserialize(p.as_str().into_deserializer());
+            assert_eq!(back, Ok(p));
+        }
     }
 
     #[test]

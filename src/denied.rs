@@ -22,9 +22,9 @@ pub struct Entry {
     pub port: u16,
     pub reason: String,
     pub count: u64,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub first_seen: SystemTime,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub last_seen: SystemTime,
 }
 
@@ -65,10 +65,6 @@ impl TopDenied {
         all.truncate(n);
         all
     }
-}
-
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
 }
 
 #[cfg(test)]

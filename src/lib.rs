@@ -34,6 +34,7 @@
 //! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it.
 //! - `metrics`: the Prometheus catalogue over an owned registry.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
+//! - `time`: the one way times are written (RFC 3339, milliseconds) in audit lines and JSON.
 //! - `reload`: the reload triggers (SIGHUP, file watch, `POST /reload`); each ends in `State::apply`.
 //! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
 //! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
@@ -59,4 +60,5 @@ pub mod resolve;
 pub mod server;
 pub mod service_tags;
 pub mod state;
+pub mod time;
 pub mod tls;

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 
 use crate::config::{Action, Config, Protocol};
-use crate::policy::Policy;
+use crate::policy::{Policy, PortSet};
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq, clap::ValueEnum)]
 pub enum Shape {
@@ -174,14 +174,11 @@ fn set(out: &mut String, name: &str, ty: &str, nets: &[IpNet]) {
     let _ = writeln!(out, "\t}}");
 }
 
-fn port_list(ports: &[std::ops::RangeInclusive<u16>]) -> String {
-    let items: Vec<String> = ports
-        .iter()
-        .map(|p| if p.start() == p.end() { p.start().to_string() } else { format!("{}-{}", p.start(), p.end()) })
-        .collect();
-    match items.as_slice() {
-        [one] => one.clone(),
-        _ => format!("{{ {} }}", items.join(", ")),
+/// One port or range as is (`443`, `8000-8080`), more as an anonymous set (`{ 80, 443 }`).
+fn port_list(ports: &PortSet) -> String {
+    match ports.ranges() {
+        [one] => one.to_string(),
+        many => format!("{{ {} }}", many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
     }
 }
 

@@ -82,7 +82,7 @@ impl Refresher {
         let etag = std::fs::read_to_string(etag_path(&file)).ok().map(|s| s.trim().to_string());
         Ok(Some(Self {
             url: url.get_ref().clone(),
-            every: config.service_tags.refresh.map_or(DEFAULT_REFRESH, |s| s.0),
+            every: config.service_tags.refresh.as_ref().map_or(DEFAULT_REFRESH, |s| s.get_ref().0),
             file,
             config_path: config_path.to_path_buf(),
             regions: regions.to_vec(),

@@ -52,7 +52,7 @@ pub struct Limits {
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyInfo {
     pub hash: String,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub loaded_at: SystemTime,
     pub source: String,
     pub service_tags_change_number: u64,
@@ -67,7 +67,7 @@ impl State {
     /// until `apply` puts one in. Opens the audit log.
     pub fn new(config: &Config) -> std::io::Result<Self> {
         let metrics = Metrics::new();
-        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.0, &metrics);
+        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.get_ref().0, &metrics);
         let audit_path = match config.audit.path.as_deref().unwrap_or("-") {
             "-" => "-".to_string(),
             p => config.relative_path(p).display().to_string(),
@@ -136,12 +136,12 @@ impl From<&config::Limits> for Limits {
     fn from(l: &config::Limits) -> Self {
         Self {
             max_request_head_bytes: *l.max_request_head_bytes.get_ref(),
-            request_head_timeout: l.request_head_timeout.0,
-            connect_timeout: l.connect_timeout.0,
-            idle_timeout: l.idle_timeout.0,
-            max_connections: l.max_connections,
-            max_connections_per_client: l.max_connections_per_client,
-            shutdown_grace: l.shutdown_grace.0,
+            request_head_timeout: l.request_head_timeout.get_ref().0,
+            connect_timeout: l.connect_timeout.get_ref().0,
+            idle_timeout: l.idle_timeout.get_ref().0,
+            max_connections: *l.max_connections.get_ref(),
+            max_connections_per_client: *l.max_connections_per_client.get_ref(),
+            shutdown_grace: l.shutdown_grace.get_ref().0,
         }
     }
 }
@@ -173,8 +173,4 @@ fn pins(config: &Config) -> HashMap<HostName, Vec<IpAddr>> {
 
 fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
 }

@@ -11,8 +11,8 @@ use super::host::HostName;
 use super::names::{NameIndex, Pattern};
 use super::nets::RangeIndex;
 use super::safety::Safety;
-use super::{Policy, Rule};
-use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Source};
+use super::{Policy, PortSet, Rule};
+use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Seconds, Source};
 use crate::service_tags::TagTable;
 
 /// A policy and what the operator should know about it.
@@ -82,21 +82,23 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         );
     }
     let durations = [
-        ("limits.request_head_timeout", limits.request_head_timeout),
-        ("limits.connect_timeout", limits.connect_timeout),
-        ("limits.idle_timeout", limits.idle_timeout),
-        ("limits.shutdown_grace", limits.shutdown_grace),
-        ("resolve.timeout", resolve.timeout),
+        ("limits.request_head_timeout", &limits.request_head_timeout),
+        ("limits.connect_timeout", &limits.connect_timeout),
+        ("limits.idle_timeout", &limits.idle_timeout),
+        ("limits.shutdown_grace", &limits.shutdown_grace),
+        ("resolve.timeout", &resolve.timeout),
     ];
-    for (field, d) in durations.into_iter().chain(service_tags.refresh.map(|r| ("service_tags.refresh", r))) {
-        if d.0.is_zero() || d.0 > MAX_DURATION {
-            let span = key_span(&source.text, field);
-            cx.error(span, field, "must be more than zero and at most 30 days".into());
+    for (field, d) in durations.into_iter().chain(service_tags.refresh.as_ref().map(|r| ("service_tags.refresh", r))) {
+        let Seconds(duration) = *d.get_ref();
+        if duration.is_zero() || duration > MAX_DURATION {
+            cx.error(d.span(), field, "must be more than zero and at most 30 days".into());
         }
     }
-    if limits.max_connections == 0 || limits.max_connections_per_client == 0 {
-        let span = key_span(&source.text, "limits.max_connections");
-        cx.error(span, "limits", "max_connections and max_connections_per_client must be at least 1".into());
+    // The first of the two that is zero; the error names them both, as before.
+    if let Some(zero) =
+        [&limits.max_connections, &limits.max_connections_per_client].into_iter().find(|n| *n.get_ref() == 0)
+    {
+        cx.error(zero.span(), "limits", "max_connections and max_connections_per_client must be at least 1".into());
     }
 
     let regions: Vec<String> = regions
@@ -269,10 +271,7 @@ impl Cx<'_> {
         ranges.extend_from_slice(&cidr_nets);
         let source_nets: Vec<IpNet> =
             sources.iter().enumerate().filter_map(|(i, s)| self.net(s, format!("{label}.sources[{i}]"))).collect();
-        let ports: Vec<_> = match ports {
-            Some(list) => list.iter().map(|PortRange(r)| r.clone()).collect(),
-            None => vec![443..=443],
-        };
+        let ports = PortSet::new(ports.clone().unwrap_or_else(|| vec![PortRange(443..=443)]));
 
         if hosts.is_empty() && cidrs.is_empty() && service_tags.is_empty() {
             self.error(
@@ -281,16 +280,17 @@ impl Cx<'_> {
                 "the rule names no destination: give hosts, cidrs or service_tags".into(),
             );
         }
-        if ports.is_empty() {
+        if ports.is_none() {
             self.error(
                 name.span(),
                 &format!("{label}.ports"),
                 "an empty port list matches nothing; leave it out for [443]".into(),
             );
         }
-        if self.errors.len() > before {
-            return None;
-        }
+        let ports = match ports {
+            Some(ports) if self.errors.len() == before => ports,
+            _ => return None,
+        };
         if storage_open && rc.enabled {
             let message = if patterns.is_empty() && !ranges.is_empty() {
                 "storage_accounts is empty: storage is open to any account in the region behind the rule's service tags (set storage_accounts to the workspace's accounts)"
@@ -303,7 +303,7 @@ impl Cx<'_> {
             name: name.get_ref().as_str().into(),
             action: *action,
             protocol: *protocol,
-            ports: ports.into_boxed_slice(),
+            ports,
             sources: source_nets.into_boxed_slice(),
             patterns,
             tags: tag_names,
@@ -346,27 +346,6 @@ impl Cx<'_> {
         }
         Some(out)
     }
-}
-
-/// The span of `key = ...` inside `[table]`, for fields that are not `Spanned` (`table.key`); the
-/// table header, or the start of the file, when the key is not written out.
-fn key_span(text: &str, field: &str) -> std::ops::Range<usize> {
-    let (table, key) = field.split_once('.').unwrap_or(("", field));
-    let header = format!("[{table}]");
-    let Some(start) = text.find(&header) else { return 0..0 };
-    let mut lines = text.get(start..).unwrap_or_default().split_inclusive('\n');
-    let mut offset = start + lines.next().map_or(0, str::len);
-    for line in lines {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with('[') {
-            break;
-        }
-        if trimmed.split(['=', ' ']).next() == Some(key) {
-            return offset..offset + line.len();
-        }
-        offset += line.len();
-    }
-    start..start
 }
 
 /// Flags rules that let traffic reach places anyone can write to.

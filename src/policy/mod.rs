@@ -21,10 +21,10 @@ mod decision;
 mod host;
 mod names;
 mod nets;
+mod ports;
 mod safety;
 
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 
@@ -32,6 +32,7 @@ pub use compile::{compile, Compiled, Warning};
 pub use decision::{Decision, DenyReason, RuleId};
 pub use host::{fold_mapped, Destination, Host, HostError, HostName};
 pub use names::{Pattern, PatternError};
+pub use ports::PortSet;
 pub use safety::classify;
 
 use crate::config::{Action, Protocol};
@@ -54,7 +55,7 @@ pub struct Rule {
     pub name: Box<str>,
     pub action: Action,
     pub protocol: Protocol,
-    pub ports: Box<[RangeInclusive<u16>]>,
+    pub ports: PortSet,
     /// Client ranges; empty means any client.
     pub sources: Box<[IpNet]>,
     /// Expanded host patterns.
@@ -212,7 +213,7 @@ impl Policy {
                 None => {}
             }
         }
-        if !rule.ports.iter().any(|p| p.contains(&q.port)) {
+        if !rule.ports.contains(q.port) {
             if rule.action == Action::Allow {
                 best.near_miss(DenyReason::PortNotAllowed, id);
             }

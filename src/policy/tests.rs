@@ -231,6 +231,26 @@ fn compile_errors_name_line_and_field_and_are_all_reported() {
 }
 
 #[test]
+fn limits_are_located_wherever_they_are_written() {
+    let errs = compile_err(
+        "resolve.timeout = '0s'\nlimits = { idle_timeout = '31d' }\n\
+         [service_tags]\nrefresh = '0s'\n",
+    );
+    assert_eq!(
+        errs,
+        [
+            "2:limits.idle_timeout: must be more than zero and at most 30 days",
+            "1:resolve.timeout: must be more than zero and at most 30 days",
+            "4:service_tags.refresh: must be more than zero and at most 30 days",
+        ]
+    );
+    assert_eq!(
+        compile_err("[limits]\nmax_connections = 5\nmax_connections_per_client = 0\n"),
+        ["3:limits: max_connections and max_connections_per_client must be at least 1"]
+    );
+}
+
+#[test]
 fn lints_rules_that_reach_places_anyone_can_write_to() {
     let config = Config::from_str(
         "regions=['westus2']\n[[rule]]\nname='blob'\naction='allow'\nhosts=['*.blob.core.windows.net', '*.co.uk', 'x.azurefd.net']\n\
