@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::load::{load, Loaded};
+use crate::policy::service_tags::TagTable;
 use crate::policy::{Decision, Destination, Host, Policy, Query};
-use crate::service_tags::TagTable;
 
 #[derive(Debug, Parser)]
 #[command(name = "egress-proxy", version, about = "A default-deny egress proxy: lets out only what the policy allows")]

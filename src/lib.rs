@@ -21,7 +21,7 @@
 //! # Layout
 //! - `policy`: the pure decision engine (hosts, patterns, ranges, built-in protections); no I/O.
 //! - `tls`: sans-IO ClientHello reader (server name, ALPN, ECH); no I/O.
-//! - `service_tags`: Azure Service Tags JSON → tag table; no I/O.
+//! - `policy::service_tags` (also `service_tags`): Azure Service Tags JSON → tag table; no I/O.
 //! - `config`: the only code that knows the TOML format; errors name file, line and field.
 //! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
 //! - `state`: what every connection shares; `State::apply` is the one writer of the policy in force.
@@ -58,7 +58,9 @@ pub mod refresh;
 pub mod reload;
 pub mod resolve;
 pub mod server;
-pub mod service_tags;
 pub mod state;
 pub mod time;
 pub mod tls;
+
+/// Kept at the crate root for users of the library: the tag table is the policy's input.
+pub use policy::service_tags;

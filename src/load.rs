@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::config::{Config, ConfigErrors, Origin};
+use crate::policy::service_tags::TagTable;
 use crate::policy::{compile, Compiled};
-use crate::service_tags::TagTable;
 
 /// A configuration with its compiled policy.
 #[derive(Debug)]

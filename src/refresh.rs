@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::load::compile_with_tags;
+use crate::policy::service_tags::TagTable;
 use crate::reload::Reloader;
-use crate::service_tags::TagTable;
 use crate::state::State;
 
 /// Fetches and installs service tags for one configuration.

@@ -11,9 +11,9 @@ use super::host::HostName;
 use super::names::{NameIndex, Pattern};
 use super::nets::RangeIndex;
 use super::safety::Safety;
+use super::service_tags::TagTable;
 use super::{Policy, PortSet, Rule};
 use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Seconds, Source};
-use crate::service_tags::TagTable;
 
 /// A policy and what the operator should know about it.
 #[derive(Debug)]

@@ -23,6 +23,7 @@ mod names;
 mod nets;
 mod ports;
 mod safety;
+pub mod service_tags;
 
 use std::net::IpAddr;
 

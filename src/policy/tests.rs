@@ -4,9 +4,9 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
+use super::service_tags::TagTable;
 use super::*;
 use crate::config::{Config, Origin};
-use crate::service_tags::TagTable;
 
 const SUBSET: &str = include_str!("../../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
 

@@ -98,7 +98,7 @@ struct Properties {
 mod tests {
     use super::*;
 
-    const SUBSET: &str = include_str!("../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+    const SUBSET: &str = include_str!("../../tests/data/ServiceTags_Public_20251020.azureml-subset.json");
 
     #[test]
     fn reads_the_real_subset_file() {
