@@ -117,7 +117,8 @@ impl Conn {
 
     /// Writes the decision line of a refusal (`deny`, or `fail` when the upstream failed); called
     /// before the client is answered. `host` is what the client asked for, as far as it is known.
-    pub fn refused(&self, host: Option<&str>, port: Option<u16>, refusal: &Refusal) {
+    /// Like `allowed`, it takes the record: a connection has one decision line.
+    pub fn refused(self, host: Option<&str>, port: Option<u16>, refusal: &Refusal) {
         self.decided(host, port, Outcome::Refused(refusal));
         tracing::info!(id = self.id, client.addr = %self.client, dst.host = host.unwrap_or("-"), reason = refusal.reason(), "Refused");
     }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::body::{empty, ProxyBody};
 use super::conn::{Conn, ConnCx};
-use super::detect::{check_hello, detect, Detected, TunnelHello};
+use super::detect::{check_hello, detect, TunnelHello};
 use super::dial::Upstream;
 use super::refusal::Refusal;
 use super::tunnel::meter::Meter;
@@ -41,41 +41,49 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
 async fn tunnel(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination, upstream: Upstream) {
     let host = dest.host.to_string();
-    let refuse = |refusal: Refusal| conn.refused(Some(&host), Some(dest.port), &refusal);
-    let upgraded = match hyper::upgrade::on(req).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(id = conn.id, error = %e, "CONNECT upgrade failed");
-            return refuse(Refusal::BadRequest("the client left before the tunnel opened"));
-        }
-    };
-    // The client's own socket, and the bytes hyper read past the CONNECT head.
-    let (client, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
-        Err(_) => return tracing::error!(id = conn.id, "CONNECT upgrade is not a TCP socket; closing"),
-    };
-    let grant = upstream.to.grant;
-    let prefix = if grant.tunnel.sni_check || !grant.tunnel.allow_ech {
-        let wait = cx.state.limits.request_head_timeout;
-        let detected =
-            detect(&client, early, &mut TunnelHello, tls::MAX_HELLO_BYTES, wait, Some(&upstream.stream)).await;
-        let checked = detected.and_then(|Detected { value, prefix }| match value {
-            Some(hello) => check_hello(&hello, dest.host.name(), grant.tunnel)
-                .map(|()| prefix)
-                .map_err(|reason| Refusal::Policy { reason, rule: None }),
-            None => Ok(prefix),
-        });
-        match checked {
-            Ok(prefix) => prefix,
-            // The rule that allowed the tunnel is the one whose checks refused it.
-            Err(Refusal::Policy { reason, .. }) => return refuse(Refusal::Policy { reason, rule: Some(grant.rule) }),
-            Err(other) => return refuse(other),
-        }
-    } else {
-        early
+    let (client, prefix) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
+        Ok(opened) => opened,
+        Err(refusal) => return conn.refused(Some(&host), Some(dest.port), &refusal),
     };
     let close = conn.allowed(host, dest.port, upstream.to, Meter::new());
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
     let end = tunnel_tcp(client, upstream.stream, &prefix, close.meter(), idle, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");
+}
+
+/// The client's socket once hyper hands it over, and the tunnel's first bytes, checked: a
+/// ClientHello must name what was decided and carry no ECH, unless the rule says otherwise.
+async fn first_bytes(
+    req: Request<Incoming>,
+    cx: &ConnCx,
+    conn: &Conn,
+    dest: &Destination,
+    upstream: &Upstream,
+) -> Result<(TcpStream, Vec<u8>), Refusal> {
+    let upgraded = hyper::upgrade::on(req).await.map_err(|e| {
+        tracing::debug!(id = conn.id, error = %e, "CONNECT upgrade failed");
+        Refusal::BadRequest("the client left before the tunnel opened")
+    })?;
+    // The client's own socket, and the bytes hyper read past the CONNECT head.
+    let (client, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
+        // serve_http always hands hyper a TcpStream; anything else is refused, never tunnelled.
+        Err(_) => return Err(Refusal::BadRequest("the upgraded connection is not a TCP socket")),
+    };
+    let grant = upstream.to.grant;
+    if !grant.tunnel.sni_check && grant.tunnel.allow_ech {
+        return Ok((client, early));
+    }
+    let wait = cx.state.limits.request_head_timeout;
+    // The rule that allowed the tunnel is the one whose checks refuse it.
+    let by_rule = |reason| Refusal::Policy { reason, rule: Some(grant.rule) };
+    let detected = detect(&client, early, &mut TunnelHello, tls::MAX_HELLO_BYTES, wait, Some(&upstream.stream)).await;
+    let d = detected.map_err(|r| match r {
+        Refusal::Policy { reason, rule: None } => by_rule(reason),
+        other => other,
+    })?;
+    if let Some(hello) = &d.value {
+        check_hello(hello, dest.host.name(), grant.tunnel).map_err(by_rule)?;
+    }
+    Ok((client, d.prefix))
 }

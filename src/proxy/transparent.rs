@@ -57,22 +57,22 @@ pub async fn serve(kind: Redirect, stream: TcpStream, original_dst: SocketAddr, 
     let shown = original_dst.ip().to_string();
     let detected = match read(kind, &stream, &cx).await {
         Ok(d) => d,
-        Err(refusal) => return refuse(&conn, &shown, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &shown, port, &refusal, stream),
     };
     let host = detected.name.as_ref().map_or(shown, HostName::to_string);
     let permit = match conn.authorize_redirected(detected.name.as_ref()).await {
         Ok(p) => p,
-        Err(refusal) => return refuse(&conn, &host, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &host, port, &refusal, stream),
     };
     let upstream = match conn.dial(&permit).await {
         Ok(u) => u,
-        Err(refusal) => return refuse(&conn, &host, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &host, port, &refusal, stream),
     };
     let grant = upstream.to.grant;
     // The server name was what got decided: only what else the hello carries (ECH) is checked.
     if let Some(Err(reason)) = detected.hello.as_ref().map(|h| check_hello(h, None, grant.tunnel)) {
         let refusal = Refusal::Policy { reason, rule: Some(grant.rule) };
-        return refuse(&conn, &host, port, &refusal, stream);
+        return refuse(conn, &host, port, &refusal, stream);
     }
     let close = conn.allowed(host, original_dst.port(), upstream.to, Meter::new());
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
@@ -103,7 +103,7 @@ async fn read(kind: Redirect, stream: &TcpStream, cx: &ConnCx) -> Result<Detecte
 }
 
 /// Audits a refusal and resets the connection: nothing was sent anywhere.
-fn refuse(conn: &Conn, host: &str, port: Option<u16>, refusal: &Refusal, stream: TcpStream) {
+fn refuse(conn: Conn, host: &str, port: Option<u16>, refusal: &Refusal, stream: TcpStream) {
     conn.refused(Some(host), port, refusal);
     // SO_LINGER 0: close with a reset, so the client fails at once instead of waiting.
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
