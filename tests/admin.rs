@@ -34,6 +34,17 @@ async fn post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// `info.hash` of `/policy`: the SHA-256 of the config and tag data in force. The rest of the
+/// document (`loaded_at`) changes with every reload, so only this field says whether the policy did.
+async fn policy_hash(proxy: &TestProxy) -> String {
+    let (status, body) = get(proxy.admin_addr, "/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hash = policy["info"]["hash"].as_str().unwrap_or_else(|| panic!("no info.hash in {body}"));
+    assert_eq!(hash.len(), 64, "{hash}");
+    hash.to_string()
+}
+
 /// Every sample of the exposition, by its full name with labels.
 async fn scrape(proxy: &TestProxy) -> HashMap<String, f64> {
     let (status, text) = get(proxy.admin_addr, "/metrics").await;
@@ -148,14 +159,16 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
     let original = std::fs::read_to_string(&proxy.config).unwrap();
     let mcr = format!("CONNECT mcr.microsoft.com:{} HTTP/1.1\r\n\r\n", echo.port());
     assert!(status_of(proxy.addr, &mcr).await.contains("403"));
-    let hash_before = get(proxy.admin_addr, "/policy").await.1;
+    let original_hash = policy_hash(&proxy).await;
 
     // A good file adds a rule: the next connection sees it.
     std::fs::write(&proxy.config, format!("{original}{}", mcr_rule(echo.port()))).unwrap();
     let (status, body) = post(proxy.admin_addr, "/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"));
-    assert_ne!(get(proxy.admin_addr, "/policy").await.1, hash_before);
+    let added_hash = policy_hash(&proxy).await;
+    assert_ne!(added_hash, original_hash, "a changed policy has a new hash");
+    assert_eq!(body, format!("reloaded {added_hash}\n"));
 
     // A tunnel through the mcr rule stays open across a reload that removes the rule.
     let mut open = connect_tunnel(proxy.addr, "mcr.microsoft.com", echo.port()).await;
@@ -171,6 +184,7 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
     assert_eq!(status, 500);
     assert!(body.contains("acton"), "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"), "the old policy stays in force");
+    assert_eq!(policy_hash(&proxy).await, added_hash, "and so does its hash");
 
     // The file watcher picks up the file without the rule; the open tunnel keeps its bytes flowing.
     std::fs::write(&proxy.config, &original).unwrap();
@@ -183,11 +197,13 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused, "the watcher did not apply the file without the rule");
+    assert_eq!(policy_hash(&proxy).await, original_hash, "the original files give the original hash");
     echo_round(&mut open, b"after the rule is gone").await;
 
     let m = scrape(&proxy).await;
     // The broken file fails once through POST /reload, and perhaps once more through the watcher.
     assert!(m[r#"egress_proxy_config_reloads_total{result="failure"}"#] >= 1.0);
     assert!(m[r#"egress_proxy_config_reloads_total{result="success"}"#] >= 2.0);
-    assert_eq!(m.keys().filter(|k| k.starts_with("egress_proxy_config_info{")).count(), 1, "one hash at a time");
+    let info: Vec<&String> = m.keys().filter(|k| k.starts_with("egress_proxy_config_info{")).collect();
+    assert_eq!(info, [&format!("egress_proxy_config_info{{hash=\"{original_hash}\"}}")], "one hash at a time");
 }
