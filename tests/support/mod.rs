@@ -293,13 +293,30 @@ fn certificates(
     (ca.pem(), leaf.der().clone(), key)
 }
 
-/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes.
-pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+/// How the peer ended a [`raw_exchange`].
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Ending {
+    /// A clean close (FIN) after the bytes read.
+    Eof,
+    /// A reset (RST): SO_LINGER 0, or a close with bytes left unread.
+    Reset,
+    /// Neither within the limit.
+    Open,
+}
+
+/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes: what it sent,
+/// and how it ended.
+pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Vec<u8>, Ending) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(send).await.unwrap();
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out)).await.is_ok();
-    (out, closed)
+    let ending = match tokio::time::timeout(limit, s.read_to_end(&mut out)).await {
+        Err(_) => Ending::Open,
+        Ok(Ok(_)) => Ending::Eof,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ending::Reset,
+        Ok(Err(e)) => panic!("reading from {addr}: {e}"),
+    };
+    (out, ending)
 }
 
 /// A TLS acceptor whose certificate names `names`, and the PEM of the test CA that signed it.
