@@ -1,6 +1,6 @@
 //! The admin server: exact metric deltas after allowed, refused and failed connections; health,
 //! readiness, `/policy` and `/denied`; reloads with a good file, a broken file, and a file that
-//! removes a rule while a tunnel through it is open.
+//! removes a rule while a tunnel through it is open; the file watcher.
 #![allow(clippy::disallowed_methods)]
 
 mod support;
@@ -32,6 +32,17 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 async fn post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let r = reqwest::Client::new().post(format!("http://{addr}{path}")).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `info.hash` of `/policy`: the SHA-256 of the config and tag data in force. The rest of the
+/// document (`loaded_at`) changes with every reload, so only this field says whether the policy did.
+async fn policy_hash(proxy: &TestProxy) -> String {
+    let (status, body) = get(proxy.admin_addr, "/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hash = policy["info"]["hash"].as_str().unwrap_or_else(|| panic!("no info.hash in {body}"));
+    assert_eq!(hash.len(), 64, "{hash}");
+    hash.to_string()
 }
 
 /// Every sample of the exposition, by its full name with labels.
@@ -144,18 +155,22 @@ async fn health_readiness_policy_and_denied() {
 #[tokio::test]
 async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spares_open_tunnels() {
     let echo = echo_origin().await;
-    let proxy = TestProxy::start(&rules(echo.port(), "")).await;
+    // No file watcher: every reload here is a POST /reload, so each one is counted exactly once.
+    let proxy = TestProxy::builder(&rules(echo.port(), "")).watch(false).start().await;
+    let before = scrape(&proxy).await;
     let original = std::fs::read_to_string(&proxy.config).unwrap();
     let mcr = format!("CONNECT mcr.microsoft.com:{} HTTP/1.1\r\n\r\n", echo.port());
     assert!(status_of(proxy.addr, &mcr).await.contains("403"));
-    let hash_before = get(proxy.admin_addr, "/policy").await.1;
+    let original_hash = policy_hash(&proxy).await;
 
     // A good file adds a rule: the next connection sees it.
     std::fs::write(&proxy.config, format!("{original}{}", mcr_rule(echo.port()))).unwrap();
     let (status, body) = post(proxy.admin_addr, "/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"));
-    assert_ne!(get(proxy.admin_addr, "/policy").await.1, hash_before);
+    let added_hash = policy_hash(&proxy).await;
+    assert_ne!(added_hash, original_hash, "a changed policy has a new hash");
+    assert_eq!(body, format!("reloaded {added_hash}\n"));
 
     // A tunnel through the mcr rule stays open across a reload that removes the rule.
     let mut open = connect_tunnel(proxy.addr, "mcr.microsoft.com", echo.port()).await;
@@ -171,23 +186,62 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
     assert_eq!(status, 500);
     assert!(body.contains("acton"), "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"), "the old policy stays in force");
+    assert_eq!(policy_hash(&proxy).await, added_hash, "and so does its hash");
 
-    // The file watcher picks up the file without the rule; the open tunnel keeps its bytes flowing.
+    // The file without the rule: new connections are refused; the open tunnel keeps its bytes flowing.
     std::fs::write(&proxy.config, &original).unwrap();
-    let mut refused = false;
-    for _ in 0..100 {
-        if status_of(proxy.addr, &mcr).await.contains("403") {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(refused, "the watcher did not apply the file without the rule");
+    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(status_of(proxy.addr, &mcr).await.contains("403"));
+    assert_eq!(policy_hash(&proxy).await, original_hash, "the original files give the original hash");
+    assert_eq!(body, format!("reloaded {original_hash}\n"));
     echo_round(&mut open, b"after the rule is gone").await;
 
-    let m = scrape(&proxy).await;
-    // The broken file fails once through POST /reload, and perhaps once more through the watcher.
-    assert!(m[r#"egress_proxy_config_reloads_total{result="failure"}"#] >= 1.0);
-    assert!(m[r#"egress_proxy_config_reloads_total{result="success"}"#] >= 2.0);
-    assert_eq!(m.keys().filter(|k| k.starts_with("egress_proxy_config_info{")).count(), 1, "one hash at a time");
+    let after = scrape(&proxy).await;
+    let d = |k: &str| delta(&before, &after, k);
+    assert_eq!(d(r#"egress_proxy_config_reloads_total{result="failure"}"#), 1.0, "the broken file");
+    assert_eq!(
+        d(r#"egress_proxy_config_reloads_total{result="success"}"#),
+        2.0,
+        "the file with the rule, then without"
+    );
+    let info: Vec<&String> = after.keys().filter(|k| k.starts_with("egress_proxy_config_info{")).collect();
+    assert_eq!(info, [&format!("egress_proxy_config_info{{hash=\"{original_hash}\"}}")], "one hash at a time");
+}
+
+#[tokio::test]
+async fn the_file_watcher_applies_a_changed_file_once() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(&rules(echo.port(), "")).await;
+    let mcr = format!("CONNECT mcr.microsoft.com:{} HTTP/1.1\r\n\r\n", echo.port());
+    assert!(status_of(proxy.addr, &mcr).await.contains("403"));
+    let original_hash = policy_hash(&proxy).await;
+    let before = scrape(&proxy).await;
+    let (success, failure) = (
+        r#"egress_proxy_config_reloads_total{result="success"}"#,
+        r#"egress_proxy_config_reloads_total{result="failure"}"#,
+    );
+
+    // Written beside the config and renamed over it, so the watcher never reads half a file.
+    let text = format!("{}{}", std::fs::read_to_string(&proxy.config).unwrap(), mcr_rule(echo.port()));
+    let tmp = proxy.config.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &proxy.config).unwrap();
+    // The reload is counted after the new policy is in force: wait for the count, up to 5 s.
+    let mut after = scrape(&proxy).await;
+    for _ in 0..250 {
+        if delta(&before, &after, success) != 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(&proxy).await;
+    }
+    assert_eq!(delta(&before, &after, success), 1.0, "the watcher reloads the changed file once");
+    assert_eq!(delta(&before, &after, failure), 0.0);
+    assert!(status_of(proxy.addr, &mcr).await.contains("200"));
+    assert_ne!(policy_hash(&proxy).await, original_hash);
+
+    // Files that stay as they are are not reloaded again, however many times the watcher polls.
+    tokio::time::sleep(WATCH_EVERY * 5).await;
+    assert_eq!(delta(&before, &scrape(&proxy).await, success), 1.0);
 }

@@ -136,8 +136,20 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
         assert!(decide(&state, "203.0.113.5").is_allow());
     }
     let m = state.metrics.render();
-    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"success\"} 1"), "{m}");
-    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"not_modified\"} 1"), "{m}");
-    assert!(m.contains("egress_proxy_service_tags_refreshes_total{result=\"failure\"} 4"), "{m}");
-    assert!(m.contains("egress_proxy_service_tags_change_number 375"), "{m}");
+    // Whole sample lines: a substring match would take `} 10` for `} 1`.
+    let samples: Vec<&str> = m.lines().filter(|l| !l.starts_with('#')).collect();
+    for want in [
+        "egress_proxy_service_tags_refreshes_total{result=\"success\"} 1",
+        "egress_proxy_service_tags_refreshes_total{result=\"not_modified\"} 1",
+        "egress_proxy_service_tags_refreshes_total{result=\"failure\"} 4",
+        "egress_proxy_service_tags_change_number 375",
+        // The refresh's one reload, and no other: nothing else reloads this proxy.
+        "egress_proxy_config_reloads_total{result=\"success\"} 1",
+    ] {
+        assert!(samples.contains(&want), "no `{want}` in\n{m}");
+    }
+    assert!(
+        !m.contains("egress_proxy_config_reloads_total{result=\"failure\"}"),
+        "bad data never reaches a reload: {m}"
+    );
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,9 +82,9 @@ async fn tls_listener_dials_the_names_own_address_and_audits_a_mismatch() {
     // The client aimed at another address: it reaches ml.azure.com's own address, audited.
     let page = https_get(h.connect(Redirect::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from ml.azure.com"), "{page}");
-    // A refused name is reset before anything is sent anywhere.
+    // A refused name is reset (SO_LINGER 0) before anything is sent anywhere.
     let refused = https_get(h.connect(Redirect::Tls, elsewhere).await, "evil.example.com", &origin.ca_pem).await;
-    assert!(refused.is_err());
+    assert_eq!(refused.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
 
     let lines = h.audit(5).await;
     let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
@@ -110,9 +111,8 @@ async fn an_address_rule_allows_an_unknown_name_but_never_a_denied_one() {
     let page =
         https_get(h.connect(Redirect::Tls, to_loopback).await, "evil.example.com", &origin.ca_pem).await.unwrap();
     assert!(page.ends_with("hello from evil.example.com"));
-    assert!(https_get(h.connect(Redirect::Tls, to_loopback).await, "blocked.example.com", &origin.ca_pem)
-        .await
-        .is_err());
+    let blocked = https_get(h.connect(Redirect::Tls, to_loopback).await, "blocked.example.com", &origin.ca_pem).await;
+    assert_eq!(blocked.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
     let lines = h.audit(3).await;
     let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
     assert_eq!(d[0]["rule"], "loopback");
@@ -125,7 +125,8 @@ async fn original_dst_mismatch_deny_refuses() {
     let port = origin.addr.port();
     let h = Harness::new(port, "[transparent]\noriginal_dst_mismatch = \"deny\"\n");
     let elsewhere: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
-    assert!(https_get(h.connect(Redirect::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await.is_err());
+    let refused = https_get(h.connect(Redirect::Tls, elsewhere).await, "ml.azure.com", &origin.ca_pem).await;
+    assert_eq!(refused.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
     assert_eq!(h.audit(1).await[0]["reason"], "sni_mismatch");
 }
 
@@ -160,7 +161,8 @@ async fn plain_listener_decides_on_the_host_header() {
     let mut c = h.connect(Redirect::Plain, elsewhere).await;
     c.write_all(b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
-    let _ = c.read_to_end(&mut out).await;
+    let read = c.read_to_end(&mut out).await;
+    assert_eq!(read.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "refused with a reset");
     assert!(out.is_empty(), "refused without an answer");
     let lines = h.audit(3).await;
     let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
@@ -175,7 +177,8 @@ async fn catch_all_resets_and_logs_the_original_destination() {
     let mut c = h.connect(Redirect::CatchAll, dst).await;
     let mut out = Vec::new();
     let read = c.read_to_end(&mut out).await;
-    assert!(read.is_err() || out.is_empty());
+    assert_eq!(read.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    assert!(out.is_empty());
     let d = &h.audit(1).await[0];
     assert_eq!((d["listener"].as_str(), d["reason"].as_str()), (Some("catch_all"), Some("catch_all")));
     assert_eq!(d["original_dst"], "127.0.0.9:22");

@@ -46,31 +46,22 @@ pub struct TestProxy {
     pub dir: tempfile::TempDir,
 }
 
+/// How to start a [`TestProxy`]: `TestProxy::builder(rules).watch(false).start().await`.
+pub struct TestProxyBuilder<'a> {
+    rules: &'a str,
+    watch: bool,
+}
+
 impl TestProxy {
     /// Starts a proxy on 127.0.0.1:0 with `rules` (TOML) appended to a base config that pins
-    /// names, allows loopback and writes the audit log to a file.
+    /// names, allows loopback and writes the audit log to a file. The file watcher runs, as in
+    /// production; a test that counts reloads starts without it (see [`TestProxy::builder`]).
     pub async fn start(rules: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let audit_path = dir.path().join("audit.jsonl");
-        let text = format!(
-            "[service_tags]\nfile = {TAGS:?}\n[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{rules}",
-            audit_path.display().to_string()
-        );
-        let config = dir.path().join("proxy.toml");
-        std::fs::write(&config, text).unwrap();
-        let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
-        let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
-        let state = Arc::new(State::build(loaded).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_addr = admin.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files, digest));
-        tokio::spawn(reload::watch(reloader.clone(), Duration::from_millis(100), shutdown.clone()));
-        let listeners = Listeners { http: Some(listener), admin: Some(admin), ..Listeners::default() };
-        let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
-        Self { addr, admin_addr, config, state, audit_path, shutdown, done, dir }
+        Self::builder(rules).start().await
+    }
+
+    pub fn builder(rules: &str) -> TestProxyBuilder<'_> {
+        TestProxyBuilder { rules, watch: true }
     }
 
     pub fn audit(&self) -> Vec<Value> {
@@ -99,6 +90,45 @@ impl TestProxy {
             .unwrap()
     }
 }
+
+impl TestProxyBuilder<'_> {
+    /// Whether the file watcher runs (it does unless told otherwise). Without it the policy
+    /// changes only through `POST /reload`, so a test can count reloads exactly.
+    pub fn watch(mut self, on: bool) -> Self {
+        self.watch = on;
+        self
+    }
+
+    pub async fn start(self) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_path = dir.path().join("audit.jsonl");
+        let text = format!(
+            "[service_tags]\nfile = {TAGS:?}\n[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{}",
+            audit_path.display().to_string(),
+            self.rules
+        );
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(&config, text).unwrap();
+        let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
+        let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
+        let state = Arc::new(State::build(loaded).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let reloader = Arc::new(Reloader::new(Some(config.clone()), Vec::new(), state.clone(), files, digest));
+        if self.watch {
+            tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
+        }
+        let listeners = Listeners { http: Some(listener), admin: Some(admin), ..Listeners::default() };
+        let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
+        TestProxy { addr, admin_addr, config, state, audit_path, shutdown, done, dir }
+    }
+}
+
+/// How often the harness's file watcher polls the config and tag files.
+pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 pub fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -263,13 +293,30 @@ fn certificates(
     (ca.pem(), leaf.der().clone(), key)
 }
 
-/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes.
-pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+/// How the peer ended a [`raw_exchange`].
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Ending {
+    /// A clean close (FIN) after the bytes read.
+    Eof,
+    /// A reset (RST): SO_LINGER 0, or a close with bytes left unread.
+    Reset,
+    /// Neither within the limit.
+    Open,
+}
+
+/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes: what it sent,
+/// and how it ended.
+pub async fn raw_exchange(addr: SocketAddr, send: &[u8], limit: Duration) -> (Vec<u8>, Ending) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(send).await.unwrap();
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(limit, s.read_to_end(&mut out)).await.is_ok();
-    (out, closed)
+    let ending = match tokio::time::timeout(limit, s.read_to_end(&mut out)).await {
+        Err(_) => Ending::Open,
+        Ok(Ok(_)) => Ending::Eof,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ending::Reset,
+        Ok(Err(e)) => panic!("reading from {addr}: {e}"),
+    };
+    (out, ending)
 }
 
 /// A TLS acceptor whose certificate names `names`, and the PEM of the test CA that signed it.

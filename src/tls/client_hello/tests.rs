@@ -192,31 +192,153 @@ fn notices_ech_and_refuses_duplicate_extensions() {
 }
 
 #[test]
-fn every_shrunken_or_grown_length_field_is_an_error_never_a_panic() {
+fn every_shrunken_or_grown_byte_has_its_exact_outcome() {
     let base = synthetic(&[
         sni_ext(&[(0, b"ml.azure.com")]),
         (0x0010, vec![0, 9, 8, b'h', b't', b't', b'p', b'/', b'1', b'.', b'1']),
     ]);
-    assert!(matches!(parse(&base), Ok(Parsed::Hello(_))));
-    let mut outcomes = 0;
-    for i in 0..base.len() {
-        for delta in [1u8, 0x80] {
-            for v in [base[i].wrapping_sub(delta), base[i].wrapping_add(delta)] {
-                let mut m = base.clone();
-                m[i] = v;
-                let _ = parse(&m); // must return, never panic
-                outcomes += 1;
-            }
+    // The layout `outcome_after_change` reasons about.
+    assert_eq!(base.len(), 88);
+    assert_eq!(&base[61..73], b"ml.azure.com");
+    assert_eq!(&base[80..88], b"http/1.1");
+    assert_eq!(parse(&base), hello(Some("ml.azure.com"), &[b"http/1.1"]));
+    let mut changes = 0;
+    for at in 0..base.len() {
+        // b - 0x80 and b + 0x80 are the same byte, b ^ 0x80: three distinct changes per byte.
+        for new in [base[at].wrapping_sub(1), base[at].wrapping_add(1), base[at] ^ 0x80] {
+            let mut m = base.clone();
+            m[at] = new;
+            let want = outcome_after_change(&base, at, new);
+            assert_eq!(parse(&m), want, "byte {at} changed from {:#04x} to {new:#04x}", base[at]);
+            changes += 1;
         }
     }
-    assert_eq!(outcomes, base.len() * 4);
-    // The inner length fields, each one shorter than its contents: a named error, not a hello.
-    let hello_start = 5 + 4;
-    let ext_len_at = hello_start + 2 + 32 + 1 + 4 + 2;
-    for at in [ext_len_at + 1, ext_len_at + 5, ext_len_at + 7] {
-        let mut m = base.clone();
-        m[at] -= 1;
-        assert!(parse(&m).is_err(), "length at {at} shrunk");
+    assert_eq!(changes, base.len() * 3);
+}
+
+/// `Ok(Parsed::Hello(_))` with this server name and ALPN list, and no ECH.
+fn hello(sni: Option<&str>, alpn: &[&[u8]]) -> Result<Parsed, HelloError> {
+    let sni = sni.map(|s| HostName::parse(s).unwrap());
+    Ok(Parsed::Hello(ClientHello { sni, alpn: alpn.iter().map(|p| p.to_vec()).collect(), ech: false }))
+}
+
+/// What `parse` must say once byte `at` of the base hello in
+/// `every_shrunken_or_grown_byte_has_its_exact_outcome` becomes `new`, reasoned field by field
+/// from the parser. The base, by offset:
+///
+/// ```text
+///  0 type 0x16 | 1..3 version 03 01 | 3..5 record length 83
+///  5 type 0x01 | 6..9 handshake length 79
+///  9..11 legacy_version | 11..43 random | 43 session id length 0 | 44..46 suites length 2
+/// 46..48 suite | 48 compression length 1 | 49 method 0 | 50..52 extensions length 36
+/// 52..54 type 0x0000 | 54..56 length 17 | 56..58 list length 15 | 58 name_type 0
+/// 59..61 name length 12 | 61..73 "ml.azure.com"
+/// 73..75 type 0x0010 | 75..77 length 11 | 77..79 list length 9 | 79 protocol length 8
+/// 80..88 "http/1.1"
+/// ```
+///
+/// Every length field is big-endian with a high byte of 0x00 or 0x01 and a low byte below 0x80,
+/// so a change to its high byte grows it by at least 256, past every container here, and a
+/// change to its low byte shrinks it by exactly one or grows it by 1 or 0x80.
+fn outcome_after_change(base: &[u8], at: usize, new: u8) -> Result<Parsed, HelloError> {
+    use HelloError::*;
+    let mut m = base.to_vec();
+    m[at] = new;
+    let u16_at = |i: usize| usize::from(u16::from_be_bytes([m[i], m[i + 1]]));
+    let unchanged = hello(Some("ml.azure.com"), &[b"http/1.1"]);
+    match at {
+        // The record header (RFC 8446 §5.1). A set top bit is how SSLv2 headers start.
+        0 if new & 0x80 != 0 => Err(Sslv2),
+        0 => Err(NotHandshake),
+        1 => Err(RecordVersion),
+        // legacy_record_version's minor byte "MUST be ignored for all purposes".
+        2 => unchanged,
+        3 | 4 => match u16_at(3) {
+            len if len > MAX_RECORD => Err(RecordOverflow),
+            // One short: the record ends before the hello's last byte, b'1', which is then read
+            // as the content type of a next record.
+            82 => Err(NotHandshake),
+            // Longer than the bytes present: the handshake message inside is whole all the same,
+            // and the parser decides as soon as it is, without waiting for the record's end.
+            _ => unchanged,
+        },
+        5 => Err(NotClientHello),
+        6..=8 => match usize::from(m[6]) << 16 | u16_at(7) {
+            len if len > MAX_HANDSHAKE => Err(TooLarge),
+            // One short: the message ends before the extensions do.
+            78 => Err(Overrun("extensions")),
+            // Longer: what is here is a prefix of a larger hello.
+            _ => Ok(Parsed::NeedMore),
+        },
+        // legacy_version and random are not checked: the proxy reads names, not versions.
+        9..=42 => unchanged,
+        43 => match new {
+            // One byte of session id swallows the suites' high length byte; the suites' length is
+            // then 0x0213, longer than what is left.
+            1 => Err(Overrun("cipher_suites")),
+            _ => Err(Overrun("legacy_session_id")),
+        },
+        44 | 45 => match u16_at(44) {
+            1 | 3 => Err(Malformed("cipher_suites")), // an odd length cannot hold 2-byte suites
+            _ => Err(Overrun("cipher_suites")),
+        },
+        46 | 47 => unchanged, // which suites are offered is the origin's business
+        48 => match new {
+            0 => Err(Malformed("legacy_compression_methods")),
+            // Two methods swallow the extensions' high length byte: their length is then 0x2400.
+            2 => Err(Overrun("extensions")),
+            _ => Err(Overrun("legacy_compression_methods")),
+        },
+        49 => unchanged, // compression methods are not checked
+        50 | 51 => match u16_at(50) {
+            35 => Err(Trailing("extensions")),
+            _ => Err(Overrun("extensions")),
+        },
+        // Another type: an unknown extension, skipped, and the hello has no server name. None of
+        // these six types is ALPN, ECH or ESNI.
+        52 | 53 => hello(None, &[b"http/1.1"]),
+        54 | 55 => match u16_at(54) {
+            // One short: the extension ends inside the name list.
+            16 => Err(Overrun("server_name_list")),
+            // One long: a byte of the next extension's type follows the list inside this one.
+            18 => Err(Trailing("server_name_list")),
+            _ => Err(Overrun("extension")),
+        },
+        56 | 57 => match u16_at(56) {
+            14 => Err(Trailing("server_name_list")),
+            _ => Err(Overrun("server_name_list")),
+        },
+        // Not host_name: skipped (RFC 6066 §3), which leaves no host name at all.
+        58 => Err(EmptySni),
+        // Longer overruns the list. One short leaves the name's last byte, b'm', to be read as
+        // the name_type of a next entry, whose length is missing: the same error.
+        59 | 60 => Err(Overrun("server_name")),
+        61..=72 => {
+            // Letters stay lower-case letters or become one of / ` {; the dots become - or /.
+            // A hyphen lands inside the name, never at a label's edge. A byte with its top bit
+            // set is not UTF-8 among ASCII bytes.
+            if new.is_ascii_lowercase() || new.is_ascii_digit() || new == b'-' {
+                hello(Some(std::str::from_utf8(&m[61..73]).unwrap()), &[b"http/1.1"])
+            } else {
+                Err(InvalidSni(HostError::InvalidCharacter))
+            }
+        }
+        // Another type: an unknown extension, skipped, and the hello has no ALPN.
+        73 | 74 => hello(Some("ml.azure.com"), &[]),
+        75 | 76 => match u16_at(75) {
+            // One short: the extension ends inside the protocol list.
+            10 => Err(Overrun("alpn_protocol_list")),
+            _ => Err(Overrun("extension")),
+        },
+        77 | 78 => match u16_at(77) {
+            8 => Err(Trailing("alpn_protocol_list")),
+            _ => Err(Overrun("alpn_protocol_list")),
+        },
+        // One short leaves b'1' (49) as the length of a next protocol, longer than what is left.
+        79 => Err(Overrun("alpn_protocol")),
+        // Protocol names are opaque bytes (RFC 7301 §3.1): any byte is a different protocol.
+        80..=87 => hello(Some("ml.azure.com"), &[&m[80..88]]),
+        _ => unreachable!("byte {at} is past the base hello"),
     }
 }
 
