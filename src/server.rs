@@ -173,11 +173,12 @@ async fn accept_redirected(
     while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
         let Some(slot) = admission.admit(client.ip()) else {
             Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::ConnectionLimit);
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            transparent::reset(stream);
             continue;
         };
         let Some(original_dst) = original_dst(&stream) else {
             Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::NoOriginalDst);
+            transparent::reset(stream);
             continue;
         };
         let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));

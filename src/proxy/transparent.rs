@@ -105,7 +105,12 @@ async fn read(kind: Redirect, stream: &TcpStream, cx: &ConnCx) -> Result<Detecte
 /// Audits a refusal and resets the connection: nothing was sent anywhere.
 fn refuse(conn: Conn, host: &str, port: Option<u16>, refusal: &Refusal, stream: TcpStream) {
     conn.refused(Some(host), port, refusal);
-    // SO_LINGER 0: close with a reset, so the client fails at once instead of waiting.
+    reset(stream);
+}
+
+/// Closes a refused redirected connection with a reset (SO_LINGER 0), so that the client fails
+/// at once instead of waiting, and reads nothing that looks like an answer.
+pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
