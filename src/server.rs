@@ -306,5 +306,5 @@ impl Drop for Slot {
 
 const OVERFLOW_ANSWERS: usize = 64;
 /// Admin connections open at once (Prometheus, probes, an operator's curl).
-const ADMIN_CONNECTIONS: usize = 32;
+pub const ADMIN_CONNECTIONS: usize = 32;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,6 +1,6 @@
 //! The admin server: exact metric deltas after allowed, refused and failed connections; health,
 //! readiness, `/policy` and `/denied`; reloads with a good file, a broken file, and a file that
-//! removes a rule while a tunnel through it is open; the file watcher.
+//! removes a rule while a tunnel through it is open; the file watcher; the admin connection limit.
 #![allow(clippy::disallowed_methods)]
 
 mod support;
@@ -244,4 +244,36 @@ async fn the_file_watcher_applies_a_changed_file_once() {
     // Files that stay as they are are not reloaded again, however many times the watcher polls.
     tokio::time::sleep(WATCH_EVERY * 5).await;
     assert_eq!(delta(&before, &scrape(&proxy).await, success), 1.0);
+}
+
+#[tokio::test]
+async fn admin_connections_have_a_limit_of_their_own_and_the_data_path_keeps_serving() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(&rules(echo.port(), "")).await;
+    let limit = egress_proxy::server::ADMIN_CONNECTIONS;
+    let mut held = Vec::new();
+    for _ in 0..limit {
+        held.push(TcpStream::connect(proxy.admin_addr).await.unwrap());
+    }
+    // Accepted in order: every slot is taken, so the next connection is closed unanswered.
+    let mut over = TcpStream::connect(proxy.admin_addr).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut out)).await;
+    assert_eq!(read.expect("closed at once").map_err(|e| e.kind()), Ok(0), "a clean close, nothing read");
+
+    // The data path has its own limits: a tunnel still opens and carries bytes.
+    let mut t = connect_tunnel(proxy.addr, "ml.azure.com", echo.port()).await;
+    echo_round(&mut t, b"still serving").await;
+
+    // A freed slot serves again.
+    drop(held.pop());
+    let mut answered = String::new();
+    for _ in 0..250 {
+        answered = status_of(proxy.admin_addr, "GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        if !answered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered, "HTTP/1.1 200 OK");
 }
