@@ -76,18 +76,18 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
     let reloader = Arc::new(Reloader::new(config.clone(), regions.clone(), state.clone(), files, digest));
     let refresher =
-        Refresher::from_config(&loaded.config, config.as_deref(), &regions, state.clone(), reloader.clone());
-    match refresher {
-        Ok(Some(r)) => {
-            tokio::spawn(r.run(shutdown.clone()));
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot set up the service-tag refresh");
-            return ExitCode::from(2);
-        }
-    }
+        match Refresher::from_config(&loaded.config, config.as_deref(), &regions, state.clone(), reloader.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot set up the service-tag refresh");
+                return ExitCode::from(2);
+            }
+        };
+    // The policy is in force before anything that may reload it starts.
     state.apply(loaded);
+    if let Some(r) = refresher {
+        tokio::spawn(r.run(shutdown.clone()));
+    }
     tokio::spawn(signals(shutdown.clone()));
     tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
     tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));

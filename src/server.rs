@@ -66,8 +66,8 @@ pub async fn run(
         accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission)));
     }
     if let Some(l) = listeners.admin {
-        let (state, tracker, shutdown) = (state.clone(), tracker.clone(), shutdown.clone());
-        accepts.push(tokio::spawn(accept_admin(l, state, reloader, tracker, shutdown)));
+        let (state, tracker, stop, shutdown) = (state.clone(), tracker.clone(), stop.clone(), shutdown.clone());
+        accepts.push(tokio::spawn(accept_admin(l, state, reloader, tracker, stop, shutdown)));
     }
     state.ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
@@ -136,6 +136,7 @@ async fn accept_admin(
     state: Arc<State>,
     reloader: Option<Arc<Reloader>>,
     tracker: TaskTracker,
+    stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
@@ -144,15 +145,15 @@ async fn accept_admin(
             tracing::warn!(client.addr = %client, limit = ADMIN_CONNECTIONS, "Admin connection refused: at its limit");
             continue;
         };
-        let (state, reloader, shutdown) = (state.clone(), reloader.clone(), shutdown.clone());
+        let (state, reloader, stop, shutdown) = (state.clone(), reloader.clone(), stop.clone(), shutdown.clone());
         tracker.spawn(async move {
             let svc = service_fn(move |req| admin::respond(req, state.clone(), reloader.clone()));
             let mut b = http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(ADMIN_HEAD_TIMEOUT);
             let conn = b.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
-            let result = until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await;
-            if let Err(e) = result {
+            let result = until_shutdown(conn, &shutdown, &stop, |c| c.graceful_shutdown()).await;
+            if let Some(Err(e)) = result {
                 tracing::debug!(error = %e, "Admin connection ended with an error");
             }
             drop(slot);
@@ -172,12 +173,12 @@ async fn accept_redirected(
 ) {
     while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
         let Some(slot) = admission.admit(client.ip()) else {
-            Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::ConnectionLimit);
+            Conn::new(&state, client, kind.listener(), None).refused(&Refusal::ConnectionLimit);
             transparent::reset(stream);
             continue;
         };
         let Some(original_dst) = original_dst(&stream) else {
-            Conn::new(&state, client, kind.listener(), None).refused(None, None, &Refusal::NoOriginalDst);
+            Conn::new(&state, client, kind.listener(), None).refused(&Refusal::NoOriginalDst);
             transparent::reset(stream);
             continue;
         };
@@ -211,7 +212,9 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
     let svc = service_fn(move |req| handle(req, svc_cx.clone()));
     let conn = http1_builder(&limits).serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(conn);
-    let result = until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await;
+    let Some(result) = until_shutdown(conn, &shutdown, &cx.stop, |c| c.graceful_shutdown()).await else {
+        return;
+    };
     if let Err(e) = result {
         // hyper restarts the head timer when a kept-alive connection goes idle: a timeout after
         // a served request is an idle client going away, not a slow request head.
@@ -224,31 +227,34 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
             None
         };
         match refusal {
-            Some(r) => Conn::new(&cx.state, cx.client, Listener::Http, None).refused(None, None, &r),
+            Some(r) => Conn::new(&cx.state, cx.client, Listener::Http, None).refused(&r),
             None => tracing::debug!(error = %e, "Connection ended with an error"),
         }
     }
 }
 
 /// Drives an HTTP connection; once `shutdown` is cancelled, asks it to finish the request in
-/// flight and close (`graceful`), and waits for that.
+/// flight and close (`graceful`), and waits for that until `stop` (the end of the grace period):
+/// `None` when the connection was cut there.
 async fn until_shutdown<C: Future>(
     mut conn: Pin<&mut C>,
     shutdown: &CancellationToken,
+    stop: &CancellationToken,
     graceful: impl FnOnce(Pin<&mut C>),
-) -> C::Output {
+) -> Option<C::Output> {
     tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            graceful(conn.as_mut());
-            conn.await
-        }
+        r = conn.as_mut() => return Some(r),
+        () = shutdown.cancelled() => graceful(conn.as_mut()),
+    }
+    tokio::select! {
+        r = conn => Some(r),
+        () = stop.cancelled() => None,
     }
 }
 
 /// Answers 503 to a client over a limit, then closes.
 async fn reject(stream: TcpStream, client: SocketAddr, state: Arc<State>, _permit: OwnedSemaphorePermit) {
-    Conn::new(&state, client, Listener::Http, None).refused(None, None, &Refusal::ConnectionLimit);
+    Conn::new(&state, client, Listener::Http, None).refused(&Refusal::ConnectionLimit);
     let svc = service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Refusal::ConnectionLimit.response()) });
     let _ = http1_builder(&state.limits).keep_alive(false).serve_connection(TokioIo::new(stream), svc).await;
 }

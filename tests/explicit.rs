@@ -440,32 +440,6 @@ async fn sni_check_can_be_switched_off_per_rule() {
     assert!(out.ends_with("hello from mcr.microsoft.com"), "{out}");
 }
 
-/// A minimal ClientHello record for `sni`, with an encrypted_client_hello extension.
-fn hello_with_ech(sni: &str) -> Vec<u8> {
-    let mut sn = vec![0u8];
-    sn.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    sn.extend_from_slice(sni.as_bytes());
-    let mut sni_ext = (sn.len() as u16).to_be_bytes().to_vec();
-    sni_ext.extend_from_slice(&sn);
-    let mut exts = Vec::new();
-    for (kind, data) in [(0x0000u16, sni_ext), (0xfe0d, vec![0, 1, 2, 3])] {
-        exts.extend_from_slice(&kind.to_be_bytes());
-        exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        exts.extend_from_slice(&data);
-    }
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    body.extend_from_slice(&exts);
-    let mut rec = vec![0x16, 0x03, 0x01];
-    rec.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
-    rec.push(0x01);
-    rec.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    rec.extend_from_slice(&body);
-    rec
-}
-
 #[tokio::test]
 async fn encrypted_client_hello_is_refused_unless_the_rule_allows_it() {
     let echo = echo_origin().await;
@@ -553,4 +527,39 @@ async fn a_forwarded_body_that_stalls_is_cut_after_the_idle_timeout() {
     let lines = proxy.audit_at_least(2).await;
     assert_eq!(lines[1]["event"], "close");
     assert_eq!(lines[1]["bytes_down"], 3);
+}
+
+#[tokio::test]
+async fn a_forwarded_request_whose_client_leaves_before_the_answer_still_gets_its_line() {
+    // An origin that reads the request, reports it, and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = silent.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = silent.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let _ = got_tx.send(buf[..n].to_vec());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let rules = format!(
+        "[resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"plain\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{}]\n",
+        origin.port()
+    );
+    let proxy = TestProxy::start(&rules).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!("GET http://ml.azure.com:{0}/?exfil=1 HTTP/1.1\r\nHost: ml.azure.com:{0}\r\n\r\n", origin.port());
+    client.write_all(req.as_bytes()).await.unwrap();
+    let reached = tokio::time::timeout(Duration::from_secs(5), got_rx).await.unwrap().unwrap();
+    assert!(reached.starts_with(b"GET /?exfil=1 HTTP/1.1"), "the request reached the origin");
+    // The client resets before the origin answers.
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
+    let lines = proxy.audit_at_least(1).await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(
+        (&lines[0]["decision"], &lines[0]["reason"], &lines[0]["host"], &lines[0]["method"]),
+        (&"fail".into(), &"client_gone".into(), &"ml.azure.com".into(), &"GET".into())
+    );
 }

@@ -183,3 +183,34 @@ async fn catch_all_resets_and_logs_the_original_destination() {
     assert_eq!((d["listener"].as_str(), d["reason"].as_str()), (Some("catch_all"), Some("catch_all")));
     assert_eq!(d["original_dst"], "127.0.0.9:22");
 }
+
+#[tokio::test]
+async fn tls_listener_refuses_encrypted_client_hello_before_dialling() {
+    // An origin that counts the connections it is offered.
+    let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = origin.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = origin.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let h = Harness::new(port, "");
+    let honest: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = h.connect(Redirect::Tls, honest).await;
+    c.write_all(&hello_with_ech("ml.azure.com")).await.unwrap();
+    let mut out = Vec::new();
+    let read = c.read_to_end(&mut out).await;
+    assert_eq!(read.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    let d = &h.audit(1).await[0];
+    assert_eq!(
+        (d["decision"].as_str(), d["reason"].as_str(), d["rule"].as_str()),
+        (Some("deny"), Some("ech_present"), Some("azureml"))
+    );
+    assert_eq!(d["dst_addr"], Value::Null);
+    // A dial would have completed before the line above was written; give the origin's accept
+    // loop time to count it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was dialled");
+}

@@ -2,7 +2,9 @@
 //! audit line and moves every metric of that connection, so that no listener writes its own.
 //!
 //! A `Conn` ends in exactly one decision line: `refused` (deny or fail) or `allowed`, which
-//! returns the `CloseRecord` whose drop writes the close line.
+//! returns the `CloseRecord` whose drop writes the close line. Both take the record. One that is
+//! dropped undecided (hyper drops a request whose client left mid-way, a task is cancelled)
+//! writes `fail` with `client_gone` as it goes, so that no connection passes without a line.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -44,6 +46,11 @@ pub struct Conn {
     pub original_dst: Option<SocketAddr>,
     /// The request method, on the explicit listener.
     method: Option<Method>,
+    /// The destination as the client named it, as far as it is known yet.
+    host: Option<String>,
+    port: Option<u16>,
+    /// The decision line is written.
+    decided: bool,
     state: Arc<State>,
     policy: Arc<Policy>,
 }
@@ -52,8 +59,6 @@ pub struct Conn {
 /// a forwarded response body is done or abandoned. Its meter counts the bytes.
 pub struct CloseRecord {
     conn: Conn,
-    host: String,
-    port: u16,
     addr: SocketAddr,
     rule: RuleId,
     meter: Arc<Meter>,
@@ -84,6 +89,9 @@ impl Conn {
             listener,
             original_dst,
             method: None,
+            host: None,
+            port: None,
+            decided: false,
             policy: state.policy.load_full(),
             state: Arc::clone(state),
         }
@@ -92,6 +100,13 @@ impl Conn {
     pub fn with_method(mut self, method: Method) -> Self {
         self.method = Some(method);
         self
+    }
+
+    /// Records what the client asked for, for the lines to come: the raw request target before it
+    /// parses, then the destination; for a redirected connection, the name it carries.
+    pub fn asked(&mut self, host: String, port: Option<u16>) {
+        self.host = Some(host);
+        self.port = port;
     }
 
     /// Decides a destination the client named (explicit listener).
@@ -115,23 +130,26 @@ impl Conn {
         Ok(upstream)
     }
 
-    /// Writes the decision line of a refusal (`deny`, or `fail` when the upstream failed); called
-    /// before the client is answered. `host` is what the client asked for, as far as it is known.
-    /// Like `allowed`, it takes the record: a connection has one decision line.
-    pub fn refused(self, host: Option<&str>, port: Option<u16>, refusal: &Refusal) {
-        self.decided(host, port, Outcome::Refused(refusal));
-        tracing::info!(id = self.id, client.addr = %self.client, dst.host = host.unwrap_or("-"), reason = refusal.reason(), "Refused");
+    /// Writes the decision line of a refusal (`deny`, or `fail` when the upstream failed) before
+    /// the client hears of it.
+    pub fn refused(mut self, refusal: &Refusal) {
+        self.decided(Outcome::Refused(refusal));
+        let host = self.host.as_deref().unwrap_or("-");
+        tracing::info!(id = self.id, client.addr = %self.client, dst.host = host, reason = refusal.reason(), "Refused");
     }
 
     /// Writes the `allow` line and returns the close record that will pair with it. `meter` counts
     /// the connection's bytes (it may already have counted a request body).
-    pub fn allowed(self, host: String, port: u16, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
-        self.decided(Some(&host), Some(port), Outcome::Allowed(to));
-        CloseRecord { conn: self, host, port, addr: to.addr, rule: to.grant.rule, meter }
+    pub fn allowed(mut self, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
+        self.decided(Outcome::Allowed(to));
+        CloseRecord { conn: self, addr: to.addr, rule: to.grant.rule, meter }
     }
 
     /// The one writer of this connection's decision line.
-    fn decided(&self, host: Option<&str>, port: Option<u16>, outcome: Outcome<'_>) {
+    fn decided(&mut self, outcome: Outcome<'_>) {
+        if std::mem::replace(&mut self.decided, true) {
+            return;
+        }
         let (decision, dst_addr, rule, reason, note) = match outcome {
             Outcome::Allowed(u) => {
                 let note = u.mismatch.then_some("original_dst_mismatch");
@@ -144,8 +162,8 @@ impl Conn {
             client: self.client,
             listener: self.listener,
             method: self.method.as_ref().map(Method::as_str),
-            host,
-            port,
+            host: self.host.as_deref(),
+            port: self.port,
             dst_addr,
             decision,
             rule: rule.map(|r| self.policy.rule_name(r)),
@@ -153,6 +171,15 @@ impl Conn {
             original_dst: self.original_dst,
             note,
         });
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.decided {
+            tracing::debug!(id = self.id, "Connection dropped before it was decided");
+            self.decided(Outcome::Refused(&Refusal::ClientGone));
+        }
     }
 }
 
@@ -182,8 +209,8 @@ impl Drop for CloseRecord {
             id: c.id,
             client: c.client,
             listener: c.listener,
-            host: Some(&self.host),
-            port: Some(self.port),
+            host: c.host.as_deref(),
+            port: c.port,
             dst_addr: Some(self.addr),
             rule: Some(c.policy.rule_name(self.rule)),
             bytes_up: up,

@@ -28,7 +28,7 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
     let upstream = match opened.await {
         Ok(upstream) => upstream,
         Err(refusal) => {
-            conn.refused(Some(&dest.host.to_string()), Some(dest.port), &refusal);
+            conn.refused(&refusal);
             return refusal.response();
         }
     };
@@ -40,12 +40,11 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
 async fn tunnel(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination, upstream: Upstream) {
-    let host = dest.host.to_string();
     let (client, prefix) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
         Ok(opened) => opened,
-        Err(refusal) => return conn.refused(Some(&host), Some(dest.port), &refusal),
+        Err(refusal) => return conn.refused(&refusal),
     };
-    let close = conn.allowed(host, dest.port, upstream.to, Meter::new());
+    let close = conn.allowed(upstream.to, Meter::new());
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
     let end = tunnel_tcp(client, upstream.stream, &prefix, close.meter(), idle, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");

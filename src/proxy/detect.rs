@@ -252,6 +252,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pipelined_second_request_is_handed_on_unread_as_part_of_the_prefix() {
+        let (mut client, server) = pair().await;
+        let two = b"GET / HTTP/1.1\r\nHost: good.cdn.test\r\n\r\nGET / HTTP/1.1\r\nHost: bad.cdn.test\r\n\r\n";
+        client.write_all(two).await.unwrap();
+        let d = detect(&server, Vec::new(), &mut RequestHead, 1024, WAIT, None).await.unwrap();
+        assert_eq!(d.value.dest.unwrap().host.to_string(), "good.cdn.test");
+        assert!(d.value.len < d.prefix.len(), "the second request is in the prefix, past the head");
+        assert!(d.prefix[d.value.len..].starts_with(b"GET / HTTP/1.1\r\nHost: bad"));
+    }
+
+    #[tokio::test]
+    async fn refuses_obs_fold_and_a_target_that_conflicts_with_host() {
+        let cases: [(&[u8], &str); 2] = [
+            (b"GET / HTTP/1.1\r\nHost: good.cdn.test\r\nX: a\r\n b\r\n\r\n", "obsolete line folding"),
+            (
+                b"GET http://bad.cdn.test/ HTTP/1.1\r\nHost: good.cdn.test\r\n\r\n",
+                "Host header conflicts with the request target",
+            ),
+        ];
+        for (bytes, why) in cases {
+            let (mut client, server) = pair().await;
+            client.write_all(bytes).await.unwrap();
+            let r = detect(&server, Vec::new(), &mut RequestHead, 1024, WAIT, None).await.unwrap_err();
+            assert_eq!(r, Refusal::BadRequest(why));
+        }
+    }
+
+    #[tokio::test]
     async fn early_bytes_are_parsed_before_reading() {
         let (_client, server) = pair().await;
         let early = b"GET / HTTP/1.1\r\nHost: good.cdn.test\r\n\r\n".to_vec();

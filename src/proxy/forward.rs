@@ -25,12 +25,10 @@ use crate::policy::Destination;
 
 /// Forwards one request to `dest` and returns the upstream's response, or the refusal.
 pub async fn forward(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination) -> Response<ProxyBody> {
-    let meter = Meter::new();
-    let host = dest.host.to_string();
-    match exchange(req, cx, &conn, &dest, &meter).await {
-        Ok((response, to)) => {
+    match exchange(req, cx, &conn, &dest).await {
+        Ok((response, to, meter)) => {
             // Allowed and answered: only now the `allow` line, so that a failed exchange has one line.
-            let close = conn.allowed(host, dest.port, to, Arc::clone(&meter));
+            let close = conn.allowed(to, Arc::clone(&meter));
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let down = meter.flow(Direction::Down);
@@ -38,22 +36,23 @@ pub async fn forward(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Dest
             Response::from_parts(parts, body)
         }
         Err(refusal) => {
-            conn.refused(Some(&host), Some(dest.port), &refusal);
+            conn.refused(&refusal);
             refusal.response()
         }
     }
 }
 
-/// Decides, dials and sends the request; the response head, and what was dialled.
+/// Decides, dials and sends the request; the response head, what was dialled, and the meter that
+/// counts the exchange from the dial on.
 async fn exchange(
     mut req: Request<Incoming>,
     cx: &ConnCx,
     conn: &Conn,
     dest: &Destination,
-    meter: &Arc<Meter>,
-) -> Result<(Response<Incoming>, Dialled), Refusal> {
+) -> Result<(Response<Incoming>, Dialled, Arc<Meter>), Refusal> {
     let permit = conn.authorize(dest).await?;
     let upstream = conn.dial(&permit).await?;
+    let meter = Meter::new();
 
     // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
     let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
@@ -79,7 +78,7 @@ async fn exchange(
         .await
         .map_err(|_| Refusal::UpstreamTimeout)?
         .map_err(|_| Refusal::UpstreamProtocol)?;
-    Ok((response, upstream.to))
+    Ok((response, upstream.to, meter))
 }
 
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including those the

@@ -14,7 +14,6 @@ use crate::policy::{Destination, HostError};
 pub struct Head {
     /// Bytes of the head, the empty line included.
     pub len: usize,
-    pub method: String,
     /// The host and port the request is for: the absolute-form target's, else the Host header's
     /// (port 80 when it names none). `None` when the request names no host.
     pub dest: Option<Destination>,
@@ -64,7 +63,6 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     if has_bare_lf(buf.get(..len).unwrap_or_default()) {
         return Err(HeadError::BareLf);
     }
-    let method = req.method.unwrap_or_default().to_string();
     let target = req.path.unwrap_or_default();
     let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host_header = hosts.next().map(|h| std::str::from_utf8(h.value).map_err(|_| HeadError::MalformedHost));
@@ -81,7 +79,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         }
         None => from_header,
     };
-    Ok(Some(Head { len, method, dest }))
+    Ok(Some(Head { len, dest }))
 }
 
 /// The host of an absolute-form target; `None` for origin form (`/path`) and `*`.
@@ -135,7 +133,7 @@ mod tests {
             assert_eq!(parse(&head[..end]), Ok(None), "prefix of {end} bytes");
         }
         let h = parse(head).unwrap().unwrap();
-        assert_eq!((h.len, h.method.as_str(), h.dest), (head.len(), "GET", dest("good.cdn.test", 80)));
+        assert_eq!((h.len, h.dest), (head.len(), dest("good.cdn.test", 80)));
     }
 
     #[test]

@@ -25,15 +25,17 @@ use crate::policy::{DenyReason, Destination, Host, HostError};
 /// `Conn`, and with it exactly one decision line.
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
     cx.requests.fetch_add(1, Ordering::Relaxed);
-    let conn = Conn::new(&cx.state, cx.client, Listener::Http, None).with_method(req.method().clone());
+    let mut conn = Conn::new(&cx.state, cx.client, Listener::Http, None).with_method(req.method().clone());
     let target = Target::of(&req);
     let dest = match target.dest {
         Ok(dest) => dest,
         Err(refusal) => {
-            conn.refused(Some(&target.raw), None, &refusal);
+            conn.asked(target.raw, None);
+            conn.refused(&refusal);
             return Ok(refusal.response());
         }
     };
+    conn.asked(dest.host.to_string(), Some(dest.port));
     Ok(if req.method() == Method::CONNECT {
         connect(req, &cx, conn, dest).await
     } else {

@@ -35,13 +35,15 @@ pub enum Refusal {
     CatchAll,
     /// A redirected connection whose original destination cannot be read.
     NoOriginalDst,
+    /// The client left (or the task serving it ended) before the connection was decided.
+    ClientGone,
 }
 
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Policy { .. } | Self::CatchAll | Self::NoOriginalDst => StatusCode::FORBIDDEN,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ClientGone => StatusCode::BAD_REQUEST,
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
@@ -62,6 +64,7 @@ impl Refusal {
             Self::UpstreamProtocol => "upstream_protocol_error",
             Self::CatchAll => "catch_all",
             Self::NoOriginalDst => "no_original_destination",
+            Self::ClientGone => "client_gone",
         }
     }
 
@@ -74,9 +77,13 @@ impl Refusal {
             | Self::ConnectionLimit
             | Self::CatchAll
             | Self::NoOriginalDst => Verdict::Deny,
-            Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamProtocol => {
-                Verdict::Fail
-            }
+            // The client left mid-way: what was under way may have reached the upstream, so the
+            // line says `fail` rather than claim a refusal.
+            Self::ResolveFailed
+            | Self::UpstreamUnreachable
+            | Self::UpstreamTimeout
+            | Self::UpstreamProtocol
+            | Self::ClientGone => Verdict::Fail,
         }
     }
 

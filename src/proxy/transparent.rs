@@ -52,29 +52,32 @@ struct Detected {
 
 /// Serves one redirected connection whose original destination is `original_dst`.
 pub async fn serve(kind: Redirect, stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx>) {
-    let conn = Conn::new(&cx.state, cx.client, kind.listener(), Some(original_dst));
-    let port = Some(original_dst.port());
-    let shown = original_dst.ip().to_string();
+    let mut conn = Conn::new(&cx.state, cx.client, kind.listener(), Some(original_dst));
+    conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
     let detected = match read(kind, &stream, &cx).await {
         Ok(d) => d,
-        Err(refusal) => return refuse(conn, &shown, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &refusal, stream),
     };
-    let host = detected.name.as_ref().map_or(shown, HostName::to_string);
+    if let Some(name) = &detected.name {
+        conn.asked(name.to_string(), Some(original_dst.port()));
+    }
     let permit = match conn.authorize_redirected(detected.name.as_ref()).await {
         Ok(p) => p,
-        Err(refusal) => return refuse(conn, &host, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &refusal, stream),
     };
+    // The server name is what got decided: what else the hello carries (ECH) is checked against
+    // every rule that may be dialled, before anything is dialled.
+    if let Some(hello) = &detected.hello {
+        let refused = permit.addrs().find_map(|(_, g)| check_hello(hello, None, g.tunnel).err().map(|r| (r, g.rule)));
+        if let Some((reason, rule)) = refused {
+            return refuse(conn, &Refusal::Policy { reason, rule: Some(rule) }, stream);
+        }
+    }
     let upstream = match conn.dial(&permit).await {
         Ok(u) => u,
-        Err(refusal) => return refuse(conn, &host, port, &refusal, stream),
+        Err(refusal) => return refuse(conn, &refusal, stream),
     };
-    let grant = upstream.to.grant;
-    // The server name was what got decided: only what else the hello carries (ECH) is checked.
-    if let Some(Err(reason)) = detected.hello.as_ref().map(|h| check_hello(h, None, grant.tunnel)) {
-        let refusal = Refusal::Policy { reason, rule: Some(grant.rule) };
-        return refuse(conn, &host, port, &refusal, stream);
-    }
-    let close = conn.allowed(host, original_dst.port(), upstream.to, Meter::new());
+    let close = conn.allowed(upstream.to, Meter::new());
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
     let end = tunnel_tcp(stream, upstream.stream, &detected.prefix, close.meter(), idle, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");
@@ -103,8 +106,8 @@ async fn read(kind: Redirect, stream: &TcpStream, cx: &ConnCx) -> Result<Detecte
 }
 
 /// Audits a refusal and resets the connection: nothing was sent anywhere.
-fn refuse(conn: Conn, host: &str, port: Option<u16>, refusal: &Refusal, stream: TcpStream) {
-    conn.refused(Some(host), port, refusal);
+fn refuse(conn: Conn, refusal: &Refusal, stream: TcpStream) {
+    conn.refused(refusal);
     reset(stream);
 }
 

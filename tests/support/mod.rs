@@ -369,3 +369,29 @@ pub async fn connect_tunnel(proxy: SocketAddr, host: &str, port: u16) -> tokio::
     assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     s
 }
+
+/// A minimal ClientHello record for `sni`, with an encrypted_client_hello extension.
+pub fn hello_with_ech(sni: &str) -> Vec<u8> {
+    let mut sn = vec![0u8];
+    sn.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    sn.extend_from_slice(sni.as_bytes());
+    let mut sni_ext = (sn.len() as u16).to_be_bytes().to_vec();
+    sni_ext.extend_from_slice(&sn);
+    let mut exts = Vec::new();
+    for (kind, data) in [(0x0000u16, sni_ext), (0xfe0d, vec![0, 1, 2, 3])] {
+        exts.extend_from_slice(&kind.to_be_bytes());
+        exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        exts.extend_from_slice(&data);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
+    rec.push(0x01);
+    rec.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    rec.extend_from_slice(&body);
+    rec
+}

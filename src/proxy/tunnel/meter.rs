@@ -1,13 +1,15 @@
-//! The meter of one allowed connection: every byte it carries, each way, passes `Flow::pass`,
-//! replayed prefix bytes and forwarded bodies included. The close line reads its totals, the idle
-//! timeout reads when bytes last moved, and `pass` answers whether the copy may go on, so that a
-//! limit can stop a copy at the byte where it is crossed.
+//! The meter of one allowed connection: every chunk it carries, each way, passes `Flow::pass`
+//! before it is written, replayed prefix bytes and forwarded bodies included. The close line reads
+//! its totals, the idle timeout reads when bytes last moved, and `pass` answers whether the chunk
+//! may go on: once the meter is cut, no further chunk is written, and a tunnel waiting for bytes
+//! is woken and ends.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Byte counts and the time of the last byte, for one connection.
@@ -19,6 +21,8 @@ pub struct Meter {
     up: AtomicU64,
     down: AtomicU64,
     cut: AtomicBool,
+    /// Wakes a tunnel that waits for bytes when the meter is cut.
+    cut_signal: Notify,
 }
 
 /// Which way bytes move.
@@ -51,6 +55,7 @@ impl Meter {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             cut: AtomicBool::new(false),
+            cut_signal: Notify::new(),
         })
     }
 
@@ -68,9 +73,22 @@ impl Meter {
         self.start.elapsed()
     }
 
-    /// Stops both directions at their next chunk: `pass` answers `Break` from now on.
+    /// Stops both directions: `pass` answers `Break` from now on, and `cut_off` resolves.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::Relaxed);
+        self.cut_signal.notify_waiters();
+    }
+
+    /// Resolves once the meter is cut.
+    pub async fn cut_off(&self) {
+        loop {
+            // Registered before the check, so a cut between the two is not missed.
+            let notified = self.cut_signal.notified();
+            if self.cut.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Resolves once nothing has moved either way for `idle`.
@@ -88,9 +106,13 @@ impl Meter {
 // === impl Flow ===
 
 impl Flow {
-    /// Counts `n` bytes that have moved this way, and says whether the copy may go on.
+    /// Asks to write `n` bytes this way. `Continue`: write them, they are counted. `Break`: the
+    /// meter is cut; write nothing, and stop.
     pub fn pass(&self, n: usize) -> ControlFlow<Cut> {
         let m = &self.meter;
+        if m.cut.load(Ordering::Relaxed) {
+            return ControlFlow::Break(Cut);
+        }
         let count = match self.direction {
             Direction::Up => &m.up,
             Direction::Down => &m.down,
@@ -98,11 +120,7 @@ impl Flow {
         count.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
         let elapsed = u64::try_from(m.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         m.last.store(elapsed, Ordering::Relaxed);
-        if m.cut.load(Ordering::Relaxed) {
-            ControlFlow::Break(Cut)
-        } else {
-            ControlFlow::Continue(())
-        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -119,6 +137,6 @@ mod tests {
         assert_eq!(up.pass(5), ControlFlow::Continue(()));
         m.cut();
         assert_eq!(down.pass(1), ControlFlow::Break(Cut));
-        assert_eq!(m.bytes(), (15, 8), "the chunk that met the cut is still counted: it was moved");
+        assert_eq!(m.bytes(), (15, 7), "the chunk refused at the cut is not counted: it never moved");
     }
 }

@@ -61,7 +61,7 @@ pub async fn tunnel_tcp(
     stop: CancellationToken,
 ) -> End {
     let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
-    if let Err(end) = replay(&mut upstream, prefix, &up).await {
+    if let Err(end) = replay(&mut upstream, prefix, &up, idle, &stop).await {
         return end;
     }
     let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
@@ -88,7 +88,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
-    if let Err(end) = replay(&mut upstream, prefix, &up).await {
+    if let Err(end) = replay(&mut upstream, prefix, &up, idle, &stop).await {
         return end;
     }
     let (mut cr, mut cw) = tokio::io::split(client);
@@ -98,14 +98,25 @@ where
     drive(up_half, down_half, meter, idle, stop).await
 }
 
-async fn replay<U: AsyncWrite + Unpin>(upstream: &mut U, prefix: &[u8], up: &Flow) -> Result<(), End> {
+/// Writes the bytes read before the tunnel to the upstream, under the same idle timeout and stop
+/// token as the tunnel: an upstream that does not read cannot hold the connection.
+async fn replay<U: AsyncWrite + Unpin>(
+    upstream: &mut U,
+    prefix: &[u8],
+    up: &Flow,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> Result<(), End> {
     if prefix.is_empty() {
         return Ok(());
     }
-    upstream.write_all(prefix).await.map_err(|_| End::Error)?;
-    match up.pass(prefix.len()) {
-        ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(Cut) => Err(End::Cut),
+    if let ControlFlow::Break(Cut) = up.pass(prefix.len()) {
+        return Err(End::Cut);
+    }
+    tokio::select! {
+        written = upstream.write_all(prefix) => written.map_err(|_| End::Error),
+        () = tokio::time::sleep(idle) => Err(End::Idle),
+        () = stop.cancelled() => Err(End::Shutdown),
     }
 }
 
@@ -128,6 +139,7 @@ async fn drive(
     tokio::select! {
         end = both => end,
         () = meter.idle(idle) => End::Idle,
+        () = meter.cut_off() => End::Cut,
         () = stop.cancelled() => End::Shutdown,
     }
 }
@@ -144,10 +156,10 @@ where
             // Half-close: pass the end of stream on, keep the other direction open.
             return Ok(w.shutdown().await?);
         }
-        w.write_all(buf.get(..n).unwrap_or_default()).await?;
         if let ControlFlow::Break(cut) = flow.pass(n) {
             return Err(Halted::Cut(cut));
         }
+        w.write_all(buf.get(..n).unwrap_or_default()).await?;
     }
 }
 
@@ -249,7 +261,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_cut_meter_stops_the_copy_at_the_next_chunk() {
+    async fn a_cut_meter_ends_the_tunnel_and_writes_nothing_more() {
         let (mut client_peer, client) = tcp_pair().await;
         let (upstream, mut upstream_peer) = tcp_pair().await;
         let meter = Meter::new();
@@ -261,8 +273,12 @@ mod tests {
         let mut first = [0u8; 5];
         upstream_peer.read_exact(&mut first).await.unwrap();
         meter.cut();
-        client_peer.write_all(b"second").await.unwrap();
-        assert_eq!(t.await.unwrap(), End::Cut);
-        assert_eq!(meter.bytes(), (11, 0));
+        assert_eq!(t.await.unwrap(), End::Cut, "a cut wakes a tunnel that waits for bytes");
+        // The proxy's side is gone: this write may succeed or be reset; either way nothing passes.
+        let _ = client_peer.write_all(b"second").await;
+        let mut rest = Vec::new();
+        let read = upstream_peer.read_to_end(&mut rest).await;
+        assert_eq!(read.map_err(|e| e.kind()), Ok(0), "nothing after the cut reached the upstream");
+        assert_eq!(meter.bytes(), (5, 0));
     }
 }

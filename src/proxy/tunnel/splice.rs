@@ -44,6 +44,9 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, flow:
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e.into()),
         };
+        if let ControlFlow::Break(cut) = flow.pass(n) {
+            return Err(Halted::Cut(cut));
+        }
         let mut left = n;
         while left > 0 {
             dst.writable().await?;
@@ -53,9 +56,6 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, flow:
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
-        }
-        if let ControlFlow::Break(cut) = flow.pass(n) {
-            return Err(Halted::Cut(cut));
         }
     }
 }
