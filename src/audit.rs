@@ -109,6 +109,9 @@ pub struct Closed<'a> {
     pub port: Option<u16>,
     pub dst_addr: Option<SocketAddr>,
     pub rule: Option<&'a str>,
+    /// Why an allowed exchange failed after the allow line (a forwarded request's upstream broke).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
     /// Bytes from the client to the destination.
     pub bytes_up: u64,
     /// Bytes from the destination to the client.

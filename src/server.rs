@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::admin;
 use crate::audit::Listener;
 use crate::proxy::conn::{Conn, ConnCx};
-use crate::proxy::http::handle;
+use crate::proxy::http::{handle, http1_builder};
 use crate::proxy::transparent::{self, Redirect};
 use crate::proxy::Refusal;
 use crate::reload::Reloader;
@@ -195,15 +195,6 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
     let addr = if local.is_ipv4() { sock.original_dst() } else { sock.original_dst_ipv6() };
     addr.ok()?.as_socket()
-}
-
-fn http1_builder(limits: &Limits) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.request_head_timeout)
-        .max_buf_size(limits.max_request_head_bytes)
-        .half_close(false);
-    b
 }
 
 async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationToken) {

@@ -160,10 +160,11 @@ async fn plain_listener_decides_on_the_host_header() {
     let elsewhere: SocketAddr = format!("127.0.0.2:{}", origin.port()).parse().unwrap();
     let mut c = h.connect(Redirect::Plain, elsewhere).await;
     c.write_all(b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    let read = c.read_to_end(&mut out).await;
-    assert_eq!(read.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "refused with a reset");
-    assert!(out.is_empty(), "refused without an answer");
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    let out = out.to_ascii_lowercase();
+    assert!(out.starts_with("http/1.1 403") && out.contains("x-egress-deny-reason: no_rule\r\n"), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
     let lines = h.audit(3).await;
     let d: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
     assert_eq!((d[0]["listener"].as_str(), d[0]["rule"].as_str()), (Some("plain"), Some("azureml")));
@@ -213,4 +214,110 @@ async fn tls_listener_refuses_encrypted_client_hello_before_dialling() {
     // loop time to count it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was dialled");
+}
+
+/// An HTTP origin on 127.0.0.1:0 that answers every request with the Host it was sent, keeps
+/// connections alive, and records every Host it served.
+async fn host_recording_origin() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper::service::service_fn;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let host = req.headers().get("host").map_or("-".into(), |h| h.to_str().unwrap().to_string());
+                    record.lock().unwrap().push(host.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(format!("served {host}")),
+                        )))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// What a client gets back for `req` sent on the `plain` listener, redirected from `origin`.
+async fn plain_exchange(h: &Harness, origin: SocketAddr, req: &[u8]) -> String {
+    let mut c = h.connect(Redirect::Plain, origin).await;
+    c.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await.expect("answered and closed");
+    read.unwrap();
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn plain_listener_decides_every_request_on_its_own_host() {
+    let (origin, seen) = host_recording_origin().await;
+    let port = origin.port();
+    let deny = format!("[[rule]]\nname = \"bad\"\naction = \"deny\"\nhosts = [\"bad.cdn.test\"]\nports = [{port}]\n");
+    let h = Harness::new(port, &deny);
+
+    // An absolute-form target is what is decided, and it must agree with Host.
+    let fronted = format!("GET http://bad.cdn.test/ HTTP/1.1\r\nHost: good.cdn.test:{port}\r\n\r\n");
+    let out = plain_exchange(&h, origin, fronted.as_bytes()).await;
+    assert!(out.starts_with("http/1.1 400") && out.contains("x-egress-deny-reason: bad_request"), "{out}");
+
+    // A bare LF is not a line ending here: 400, not a decision on the address.
+    let bare_lf = b"GET /d HTTP/1.1\nHost: bad.cdn.test\r\n\r\n";
+    let out = plain_exchange(&h, origin, bare_lf).await;
+    assert!(out.starts_with("http/1.1 400") && out.contains("x-egress-deny-reason: bad_request"), "{out}");
+
+    // obs-fold: 400.
+    let folded = b"GET / HTTP/1.1\r\nHost: good.cdn.test\r\nX-A: b\r\n Host: bad.cdn.test\r\n\r\n";
+    let out = plain_exchange(&h, origin, folded).await;
+    assert!(out.starts_with("http/1.1 400") && out.contains("x-egress-deny-reason: bad_request"), "{out}");
+
+    // The deny rule holds on its own.
+    let denied = format!("GET / HTTP/1.1\r\nHost: bad.cdn.test:{port}\r\n\r\n");
+    let out = plain_exchange(&h, origin, denied.as_bytes()).await;
+    assert!(out.starts_with("http/1.1 403") && out.contains("x-egress-deny-reason: denied_by_rule"), "{out}");
+
+    // A second request on the same connection never rides on the first one's decision: the first
+    // is answered with `Connection: close` and the second never reaches the origin, pipelined or not.
+    let two = format!(
+        "GET / HTTP/1.1\r\nHost: good.cdn.test:{port}\r\n\r\nGET / HTTP/1.1\r\nHost: bad.cdn.test:{port}\r\n\r\n"
+    );
+    let out = plain_exchange(&h, origin, two.as_bytes()).await;
+    assert!(out.starts_with("http/1.1 200") && out.contains("connection: close\r\n"), "{out}");
+    assert_eq!(out.matches("http/1.1 ").count(), 1, "one answer: {out}");
+    let mut c = h.connect(Redirect::Plain, origin).await;
+    c.write_all(format!("GET / HTTP/1.1\r\nHost: good.cdn.test:{port}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = c.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).ends_with(&format!("served good.cdn.test:{port}")));
+    let _ = c.write_all(format!("GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n").as_bytes()).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed");
+    assert!(rest.is_empty(), "nothing after the first answer: {}", String::from_utf8_lossy(&rest));
+
+    let served = seen.lock().unwrap().clone();
+    assert_eq!(served, vec![format!("good.cdn.test:{port}"), format!("good.cdn.test:{port}")]);
+    let lines = h.audit(7).await;
+    let d: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["event"] == "decision")
+        .map(|l| (l["decision"].as_str().unwrap(), l["host"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ("deny", "127.0.0.1"),
+            ("deny", "127.0.0.1"),
+            ("deny", "127.0.0.1"),
+            ("deny", "bad.cdn.test"),
+            ("allow", "good.cdn.test"),
+            ("allow", "good.cdn.test"),
+        ]
+    );
 }

@@ -59,6 +59,8 @@ pub struct Conn {
 /// a forwarded response body is done or abandoned. Its meter counts the bytes.
 pub struct CloseRecord {
     conn: Conn,
+    /// Why the exchange failed after it was allowed (a forwarded request's upstream broke).
+    failed: Option<&'static str>,
     addr: SocketAddr,
     rule: RuleId,
     meter: Arc<Meter>,
@@ -142,7 +144,7 @@ impl Conn {
     /// the connection's bytes (it may already have counted a request body).
     pub fn allowed(mut self, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
         self.decided(Outcome::Allowed(to));
-        CloseRecord { conn: self, addr: to.addr, rule: to.grant.rule, meter }
+        CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter }
     }
 
     /// The one writer of this connection's decision line.
@@ -199,6 +201,11 @@ impl CloseRecord {
     pub fn id(&self) -> u64 {
         self.conn.id
     }
+
+    /// Writes the close line now, with why the allowed exchange failed.
+    pub fn failed(mut self, refusal: &Refusal) {
+        self.failed = Some(refusal.reason());
+    }
 }
 
 impl Drop for CloseRecord {
@@ -213,6 +220,7 @@ impl Drop for CloseRecord {
             port: c.port,
             dst_addr: Some(self.addr),
             rule: Some(c.policy.rule_name(self.rule)),
+            reason: self.failed,
             bytes_up: up,
             bytes_down: down,
             duration_ms: u64::try_from(self.meter.elapsed().as_millis()).unwrap_or(u64::MAX),

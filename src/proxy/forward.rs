@@ -1,5 +1,6 @@
-//! Absolute-form forwarding (`GET http://host/path`): authorize → dial → one upstream HTTP/1.1
-//! exchange in origin form, with hop-by-hop headers removed → close when the response body ends.
+//! Forwarding one HTTP request (explicit absolute form, or a request on the transparent `plain`
+//! listener), once authorized: dial → allow line → one upstream HTTP/1.1 exchange in origin form,
+//! hop-by-hop headers removed → close line when the response body ends.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,59 +15,77 @@ use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
+use super::authorize::Permit;
 use super::body::{BoxError, ProxyBody};
 use super::conn::CloseRecord;
 use super::conn::{Conn, ConnCx};
-use super::dial::Dialled;
 use super::refusal::Refusal;
 use super::tunnel::meter::{Direction, Flow, Meter};
-use crate::policy::Destination;
 
-/// Forwards one request to `dest` and returns the upstream's response, or the refusal.
-pub async fn forward(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination) -> Response<ProxyBody> {
-    match exchange(req, cx, &conn, &dest).await {
-        Ok((response, to, meter)) => {
-            // Allowed and answered: only now the `allow` line, so that a failed exchange has one line.
-            let close = conn.allowed(to, Arc::clone(&meter));
+/// Forwards one request, already authorized, to an address of `permit`, with `authority` as its
+/// Host. The allow line is written once the upstream is connected, before the first byte of the
+/// request goes to it; a failure after that is the close line's `reason`, and the client's 502/504.
+pub async fn forward(
+    req: Request<Incoming>,
+    cx: &ConnCx,
+    conn: Conn,
+    permit: &Permit,
+    authority: &str,
+) -> Response<ProxyBody> {
+    let prepared = match origin_form(req, authority) {
+        Ok(req) => req,
+        Err(refusal) => return refuse(conn, refusal),
+    };
+    let upstream = match conn.dial(permit).await {
+        Ok(u) => u,
+        Err(refusal) => return refuse(conn, refusal),
+    };
+    let meter = Meter::new();
+    let close = conn.allowed(upstream.to, Arc::clone(&meter));
+    let idle = cx.state.limits.idle_timeout;
+    match exchange(prepared, cx, upstream.stream, &meter).await {
+        Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let down = meter.flow(Direction::Down);
-            let body = Counted::new(body, down, cx.state.limits.idle_timeout, Some(close)).boxed();
+            let body = Counted::new(body, meter.flow(Direction::Down), idle, Some(close)).boxed();
             Response::from_parts(parts, body)
         }
         Err(refusal) => {
-            conn.refused(&refusal);
+            close.failed(&refusal);
             refusal.response()
         }
     }
 }
 
-/// Decides, dials and sends the request; the response head, what was dialled, and the meter that
-/// counts the exchange from the dial on.
-async fn exchange(
-    mut req: Request<Incoming>,
-    cx: &ConnCx,
-    conn: &Conn,
-    dest: &Destination,
-) -> Result<(Response<Incoming>, Dialled, Arc<Meter>), Refusal> {
-    let permit = conn.authorize(dest).await?;
-    let upstream = conn.dial(&permit).await?;
-    let meter = Meter::new();
+fn refuse(conn: Conn, refusal: Refusal) -> Response<ProxyBody> {
+    conn.refused(&refusal);
+    refusal.response()
+}
 
-    // Origin form upstream, Host from the request target (RFC 9112 §3.2.2), hop-by-hop removed.
-    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+/// The request as the upstream gets it: origin form, Host from the request target (RFC 9112
+/// §3.2.2), hop-by-hop headers removed.
+fn origin_form(mut req: Request<Incoming>, authority: &str) -> Result<Request<Incoming>, Refusal> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     *req.uri_mut() = Uri::try_from(path).map_err(|_| Refusal::BadRequest("malformed request target"))?;
     strip_hop_by_hop(req.headers_mut());
-    let host_value = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
+    let host_value = HeaderValue::from_str(authority).map_err(|_| Refusal::BadRequest("malformed authority"))?;
     req.headers_mut().insert(header::HOST, host_value);
+    Ok(req)
+}
+
+/// Sends the request over `upstream`, its body through the meter; the response head.
+async fn exchange(
+    req: Request<Incoming>,
+    cx: &ConnCx,
+    upstream: TcpStream,
+    meter: &Arc<Meter>,
+) -> Result<Response<Incoming>, Refusal> {
     let idle = cx.state.limits.idle_timeout;
     let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle, None).boxed());
-
-    let (mut sender, conn_task) = hyper::client::conn::http1::handshake(TokioIo::new(upstream.stream))
-        .await
-        .map_err(|_| Refusal::UpstreamProtocol)?;
+    let (mut sender, conn_task) =
+        hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
     let stop = cx.stop.clone();
     cx.tracker.spawn(async move {
         tokio::select! {
@@ -74,11 +93,10 @@ async fn exchange(
             () = stop.cancelled() => {}
         }
     });
-    let response = tokio::time::timeout(idle, sender.send_request(req))
+    tokio::time::timeout(idle, sender.send_request(req))
         .await
         .map_err(|_| Refusal::UpstreamTimeout)?
-        .map_err(|_| Refusal::UpstreamProtocol)?;
-    Ok((response, upstream.to, meter))
+        .map_err(|_| Refusal::UpstreamProtocol)
 }
 
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including those the

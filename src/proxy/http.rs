@@ -12,6 +12,8 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
 
 use super::body::ProxyBody;
 use super::conn::{Conn, ConnCx};
@@ -20,6 +22,7 @@ use super::forward::forward;
 use super::refusal::Refusal;
 use crate::audit::Listener;
 use crate::policy::{DenyReason, Destination, Host, HostError};
+use crate::state::Limits;
 
 /// Serves one request: validate → decide → CONNECT or forward. Every request gets its own
 /// `Conn`, and with it exactly one decision line.
@@ -36,11 +39,29 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
         }
     };
     conn.asked(dest.host.to_string(), Some(dest.port));
-    Ok(if req.method() == Method::CONNECT {
-        connect(req, &cx, conn, dest).await
-    } else {
-        forward(req, &cx, conn, dest).await
-    })
+    if req.method() == Method::CONNECT {
+        return Ok(connect(req, &cx, conn, dest).await);
+    }
+    let permit = match conn.authorize(&dest).await {
+        Ok(p) => p,
+        Err(refusal) => {
+            conn.refused(&refusal);
+            return Ok(refusal.response());
+        }
+    };
+    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    Ok(forward(req, &cx, conn, &permit, &authority).await)
+}
+
+/// The HTTP/1 server settings of every listener that speaks HTTP to clients: the request head must
+/// come within `request_head_timeout` and fit `max_request_head_bytes` (slowloris, size).
+pub fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.request_head_timeout)
+        .max_buf_size(limits.max_request_head_bytes)
+        .half_close(false);
+    b
 }
 
 /// The destination as the client asked for it: parsed when it parses, raw for the audit log.

@@ -20,6 +20,7 @@ pub mod dial;
 pub mod forward;
 pub mod head;
 pub mod http;
+pub mod prefixed;
 pub mod refusal;
 pub mod transparent;
 pub mod tunnel;

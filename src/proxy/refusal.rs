@@ -106,6 +106,20 @@ impl Refusal {
         resp
     }
 
+    /// `response`, as bytes on the wire: for a client whose request head never reached hyper.
+    pub fn raw_response(&self) -> Vec<u8> {
+        let (status, body) = (self.status(), self.body());
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{}: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or_default(),
+            DENY_REASON,
+            self.reason(),
+            body.len(),
+        )
+        .into_bytes()
+    }
+
     /// The one-line body sent with the status.
     pub fn body(&self) -> String {
         match self {
