@@ -83,7 +83,7 @@ async fn proxy(origin: SocketAddr, dir: &std::path::Path) -> SocketAddr {
     std::fs::write(
         &cfg,
         format!(
-            "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.1/32\"]\n[[rule]]\nname = \"origin\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\n[limits]\nmax_connections = 100000\nmax_connections_per_client = 100000\n",
+            "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.1/32\"]\n[[rule]]\nname = \"origin\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\ntls_only = false\n[limits]\nmax_connections = 100000\nmax_connections_per_client = 100000\n",
             audit.display().to_string(),
             origin.port()
         ),

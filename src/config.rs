@@ -146,6 +146,10 @@ pub struct RuleConfig {
     /// the proxy sees). Off by default.
     #[serde(default)]
     pub allow_ech: bool,
+    /// A tunnel must begin with a TLS ClientHello; anything else is refused as `not_tls`. On by
+    /// default; `false` for SSH over CONNECT and the like.
+    #[serde(default = "yes")]
+    pub tls_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]

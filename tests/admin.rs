@@ -15,13 +15,14 @@ use tokio::net::TcpStream;
 fn rules(echo_port: u16, extra_rule: &str) -> String {
     format!(
         "[resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\"mcr.microsoft.com\" = [\"127.0.0.1\"]\n\
-         [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{echo_port}, {closed}]\n{extra_rule}",
+         [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{echo_port}, {closed}]\n\
+         tls_only = false\n{extra_rule}",
         closed = 1
     )
 }
 
 fn mcr_rule(port: u16) -> String {
-    format!("[[rule]]\nname = \"mcr\"\naction = \"allow\"\nhosts = [\"mcr.microsoft.com\"]\nports = [{port}]\n")
+    format!("[[rule]]\nname = \"mcr\"\naction = \"allow\"\nhosts = [\"mcr.microsoft.com\"]\nports = [{port}]\ntls_only = false\n")
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

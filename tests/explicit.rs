@@ -24,6 +24,11 @@ fn rules_for(origin: std::net::SocketAddr, extra: &str) -> String {
     )
 }
 
+/// `rules_for`, for tunnels that carry bytes that are not TLS (the echo origin): `tls_only = false`.
+fn echo_rules_for(origin: std::net::SocketAddr, extra: &str) -> String {
+    rules_for(origin, &format!("tls_only = false\n{extra}"))
+}
+
 fn decisions(lines: &[Value]) -> Vec<&Value> {
     lines.iter().filter(|l| l["event"] == "decision").collect()
 }
@@ -131,10 +136,10 @@ async fn allowed_name_pinned_to_a_private_address_is_refused_before_any_connect(
 async fn ip_literals_are_decided_on_the_address() {
     let echo = echo_origin().await;
     let extra = format!(
-        "[[rule]]\nname = \"loopback-one\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\n",
+        "[[rule]]\nname = \"loopback-one\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\ntls_only = false\n",
         echo.port()
     );
-    let proxy = TestProxy::start(&rules_for(echo, &extra)).await;
+    let proxy = TestProxy::start(&echo_rules_for(echo, &extra)).await;
     let inside = format!("CONNECT 127.0.0.1:{0} HTTP/1.1\r\n\r\nping", echo.port());
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(inside.as_bytes()).await.unwrap();
@@ -164,7 +169,7 @@ async fn ip_literals_are_decided_on_the_address() {
 #[tokio::test]
 async fn bytes_sent_before_the_200_are_delivered_after_it() {
     let echo = echo_origin().await;
-    let proxy = TestProxy::start(&rules_for(echo, "")).await;
+    let proxy = TestProxy::start(&echo_rules_for(echo, "")).await;
     let req = format!("CONNECT ml.azure.com:{} HTTP/1.1\r\n\r\nearly bytes", echo.port());
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
@@ -305,7 +310,7 @@ async fn a_slowloris_client_is_dropped_and_logged() {
 #[tokio::test]
 async fn connection_limit_is_answered_503() {
     let echo = echo_origin().await;
-    let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections = 1\n")).await;
+    let proxy = TestProxy::start(&echo_rules_for(echo, "[limits]\nmax_connections = 1\n")).await;
     let held = hold_tunnel(proxy.addr, echo).await;
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
@@ -360,7 +365,7 @@ async fn graceful_shutdown_lets_a_running_download_finish() {
 #[tokio::test]
 async fn per_client_limit_is_answered_503() {
     let echo = echo_origin().await;
-    let proxy = TestProxy::start(&rules_for(echo, "[limits]\nmax_connections_per_client = 1\n")).await;
+    let proxy = TestProxy::start(&echo_rules_for(echo, "[limits]\nmax_connections_per_client = 1\n")).await;
     let _held = hold_tunnel(proxy.addr, echo).await;
     let (resp, _) =
         raw_exchange(proxy.addr, b"CONNECT ml.azure.com:443 HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
@@ -565,4 +570,34 @@ async fn a_forwarded_request_is_allowed_in_the_log_before_it_reaches_the_origin(
         (&"decision".into(), &"allow".into(), &"ml.azure.com".into(), &"GET".into())
     );
     assert_eq!((&lines[1]["event"], &lines[1]["id"]), (&"close".into(), &lines[0]["id"]));
+}
+
+#[tokio::test]
+async fn a_tunnel_must_begin_with_a_tls_hello_unless_the_rule_says_tls_only_false() {
+    let echo = echo_origin().await;
+    let port = echo.port();
+    let proxy = TestProxy::start(&rules_for(echo, "")).await;
+    let smuggled = [
+        format!("GET / HTTP/1.1\r\nHost: evil.example.com:{port}\r\n\r\n"),
+        format!("CONNECT evil.example.com:{port} HTTP/1.1\r\n\r\n"),
+    ];
+    for inner in &smuggled {
+        let req = format!("CONNECT ml.azure.com:{port} HTTP/1.1\r\n\r\n{inner}");
+        let (resp, ending) = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("\r\n\r\n"), "nothing came back: {resp}");
+        assert_eq!(ending, Ending::Eof, "the tunnel is closed");
+    }
+    let lines = proxy.audit_at_least(2).await;
+    let d: Vec<(&str, &str, &str)> = decisions(&lines)
+        .iter()
+        .map(|l| (l["decision"].as_str().unwrap(), l["reason"].as_str().unwrap(), l["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(d, [("deny", "not_tls", "azureml"), ("deny", "not_tls", "azureml")]);
+
+    // `tls_only = false` (SSH over CONNECT and the like): the bytes go through.
+    let open = TestProxy::start(&echo_rules_for(echo, "")).await;
+    let req = format!("CONNECT ml.azure.com:{port} HTTP/1.1\r\n\r\n{}", smuggled[0]);
+    let (resp, _) = raw_exchange(open.addr, req.as_bytes(), Duration::from_millis(500)).await;
+    assert!(String::from_utf8_lossy(&resp).ends_with(smuggled[0].as_str()), "echoed back");
 }

@@ -217,6 +217,7 @@ impl Cx<'_> {
             sources,
             sni_check,
             allow_ech,
+            tls_only,
         } = rc;
         let before = self.errors.len();
 
@@ -311,6 +312,7 @@ impl Cx<'_> {
             ranges,
             sni_check: *sni_check,
             allow_ech: *allow_ech,
+            tls_only: *tls_only,
         })
     }
 

@@ -53,6 +53,8 @@ pub enum DenyReason {
     InvalidHost,
     /// No rule matched.
     NoRule,
+    /// A tunnel's first bytes are not a TLS ClientHello, and the rule wants TLS (`tls_only`).
+    NotTls,
     /// A rule matched the host but not the port.
     PortNotAllowed,
     /// The TLS server name differs from the name the client asked the proxy for.
@@ -62,13 +64,14 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::AddressNotAllowed,
         Self::DeniedByRule,
         Self::EchPresent,
         Self::InternalAddress,
         Self::InvalidHost,
         Self::NoRule,
+        Self::NotTls,
         Self::PortNotAllowed,
         Self::SniMismatch,
         Self::SourceNotAllowed,
@@ -82,6 +85,7 @@ impl DenyReason {
             Self::InternalAddress => "internal_address",
             Self::InvalidHost => "invalid_host",
             Self::NoRule => "no_rule",
+            Self::NotTls => "not_tls",
             Self::PortNotAllowed => "port_not_allowed",
             Self::SniMismatch => "sni_mismatch",
             Self::SourceNotAllowed => "source_not_allowed",

@@ -70,6 +70,8 @@ pub struct Rule {
     pub sni_check: bool,
     /// Let ClientHellos with Encrypted Client Hello through.
     pub allow_ech: bool,
+    /// A tunnel must begin with a TLS ClientHello.
+    pub tls_only: bool,
 }
 
 /// What a rule says about the bytes of a tunnel it allows. Read once, when the rule is chosen, and
@@ -80,16 +82,18 @@ pub struct TunnelOptions {
     pub sni_check: bool,
     /// Let ClientHellos with Encrypted Client Hello through.
     pub allow_ech: bool,
+    /// A tunnel must begin with a TLS ClientHello (`not_tls` otherwise).
+    pub tls_only: bool,
 }
 
 impl TunnelOptions {
     /// The defaults of a rule that says nothing: every check on.
-    pub const STRICT: Self = Self { sni_check: true, allow_ech: false };
+    pub const STRICT: Self = Self { sni_check: true, allow_ech: false, tls_only: true };
 }
 
 impl Rule {
     pub fn tunnel_options(&self) -> TunnelOptions {
-        TunnelOptions { sni_check: self.sni_check, allow_ech: self.allow_ech }
+        TunnelOptions { sni_check: self.sni_check, allow_ech: self.allow_ech, tls_only: self.tls_only }
     }
 }
 

@@ -70,13 +70,21 @@ async fn first_bytes(
         Err(_) => return Err(Refusal::BadRequest("the upgraded connection is not a TCP socket")),
     };
     let grant = upstream.to.grant;
-    if !grant.tunnel.sni_check && grant.tunnel.allow_ech {
+    if !grant.tunnel.sni_check && grant.tunnel.allow_ech && !grant.tunnel.tls_only {
         return Ok((client, early));
     }
     let wait = cx.state.limits.request_head_timeout;
     // The rule that allowed the tunnel is the one whose checks refuse it.
     let by_rule = |reason| Refusal::Policy { reason, rule: Some(grant.rule) };
-    let detected = detect(&client, early, &mut TunnelHello, tls::MAX_HELLO_BYTES, wait, Some(&upstream.stream)).await;
+    let detected = detect(
+        &client,
+        early,
+        &mut TunnelHello { tls_only: grant.tunnel.tls_only },
+        tls::MAX_HELLO_BYTES,
+        wait,
+        Some(&upstream.stream),
+    )
+    .await;
     let d = detected.map_err(|r| match r {
         Refusal::Policy { reason, rule: None } => by_rule(reason),
         other => other,

@@ -105,13 +105,17 @@ pub async fn detect<D: Detect>(
 
 // === ClientHello ===
 
-/// The ClientHello of the transparent `tls` listener: anything else is refused.
+/// The ClientHello of the transparent `tls` listener: bytes that are not TLS are refused as
+/// `not_tls`, TLS that is not a whole, valid ClientHello as `invalid_host`.
 pub struct Hello;
 
 impl Detect for Hello {
     type Output = ClientHello;
 
     fn step(&mut self, buf: &[u8]) -> Step<ClientHello> {
+        if !buf.first().is_some_and(|&b| looks_like_tls(b)) {
+            return Step::Refuse(not_tls());
+        }
         match tls::parse(buf) {
             Ok(Parsed::Hello(hello)) => Step::Done(hello),
             Ok(Parsed::NeedMore) => Step::NeedMore,
@@ -129,32 +133,43 @@ impl Detect for Hello {
 }
 
 /// The first bytes inside a CONNECT tunnel. TLS (any record type, or an SSLv2-style header) must
-/// be a whole ClientHello, so that only a checked hello gets through. Bytes that are not TLS,
-/// an upstream that speaks first, or a client that closes before sending, end the inspection
-/// with nothing to check (`None`).
-pub struct TunnelHello;
+/// be a whole ClientHello, so that only a checked hello gets through. Bytes that are not TLS, or
+/// an upstream that speaks first, are refused as `not_tls` when `tls_only` (the default), and
+/// end the inspection with nothing to check (`None`) when the rule says `tls_only = false`. A
+/// client that closes before sending anything has nothing to check.
+pub struct TunnelHello {
+    pub tls_only: bool,
+}
 
 impl Detect for TunnelHello {
     type Output = Option<ClientHello>;
 
     fn step(&mut self, buf: &[u8]) -> Step<Option<ClientHello>> {
         match buf.first() {
-            Some(&b) if TLS_CONTENT_TYPES.contains(&b) || b & 0x80 != 0 => match Hello.step(buf) {
+            Some(&b) if looks_like_tls(b) => match Hello.step(buf) {
                 Step::Done(hello) => Step::Done(Some(hello)),
                 Step::NeedMore => Step::NeedMore,
                 Step::Refuse(r) => Step::Refuse(r),
             },
+            _ if self.tls_only => Step::Refuse(not_tls()),
             _ => Step::Done(None),
         }
     }
 
     fn stopped(&mut self, buf: &[u8], why: Stop) -> Result<Option<ClientHello>, Refusal> {
         match why {
+            Stop::PeerSpoke if self.tls_only => Err(not_tls()),
             Stop::PeerSpoke => Ok(None),
             Stop::Eof if buf.is_empty() => Ok(None),
             _ => Err(invalid_host()),
         }
     }
+}
+
+/// Any TLS record type (an alert can come before the hello) or an SSLv2-style header: read as
+/// TLS, so that only a real ClientHello gets through, and only once checked.
+fn looks_like_tls(first: u8) -> bool {
+    TLS_CONTENT_TYPES.contains(&first) || first & 0x80 != 0
 }
 
 /// Checks a ClientHello against what was decided: Encrypted Client Hello unless the rule allows
@@ -208,6 +223,10 @@ fn head_error(e: HeadError) -> &'static str {
         HeadError::HostConflict => "Host header conflicts with the request target",
         HeadError::InvalidHost(_) => "invalid host",
     }
+}
+
+fn not_tls() -> Refusal {
+    Refusal::Policy { reason: DenyReason::NotTls, rule: None }
 }
 
 fn invalid_host() -> Refusal {
@@ -321,10 +340,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn in_a_tunnel_bytes_that_are_not_tls_end_the_inspection() {
+    async fn in_a_tunnel_bytes_that_are_not_tls_are_refused_unless_the_rule_allows_them() {
+        let (mut client, server) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n").await.unwrap();
+        let r = detect(&server, Vec::new(), &mut TunnelHello { tls_only: true }, 1024, WAIT, None).await.unwrap_err();
+        assert_eq!(r, not_tls());
+        let (_client, server) = pair().await;
+        let (mut upstream_peer, upstream) = pair().await;
+        upstream_peer.write_all(b"SSH-2.0-OpenSSH\r\n").await.unwrap();
+        let r = detect(&server, Vec::new(), &mut TunnelHello { tls_only: true }, 1024, WAIT, Some(&upstream)).await;
+        assert_eq!(r.unwrap_err(), not_tls(), "a server that speaks first is not TLS either");
+    }
+
+    #[tokio::test]
+    async fn with_tls_only_false_bytes_that_are_not_tls_end_the_inspection() {
         let (mut client, server) = pair().await;
         client.write_all(b"SSH-2.0-OpenSSH\r\n").await.unwrap();
-        let d = detect(&server, Vec::new(), &mut TunnelHello, 1024, WAIT, None).await.unwrap();
+        let d = detect(&server, Vec::new(), &mut TunnelHello { tls_only: false }, 1024, WAIT, None).await.unwrap();
         assert!(d.value.is_none());
         assert!(d.prefix.starts_with(b"SSH-2.0"));
     }
@@ -334,7 +366,9 @@ mod tests {
         let (_client, server) = pair().await;
         let (mut upstream_peer, upstream) = pair().await;
         upstream_peer.write_all(b"220 smtp ready\r\n").await.unwrap();
-        let d = detect(&server, Vec::new(), &mut TunnelHello, 1024, WAIT, Some(&upstream)).await.unwrap();
+        let d = detect(&server, Vec::new(), &mut TunnelHello { tls_only: false }, 1024, WAIT, Some(&upstream))
+            .await
+            .unwrap();
         assert!(d.value.is_none() && d.prefix.is_empty());
     }
 
@@ -343,7 +377,7 @@ mod tests {
         let (mut client, server) = pair().await;
         client.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
         drop(client);
-        let r = detect(&server, Vec::new(), &mut TunnelHello, 1024, WAIT, None).await.unwrap_err();
+        let r = detect(&server, Vec::new(), &mut TunnelHello { tls_only: false }, 1024, WAIT, None).await.unwrap_err();
         assert_eq!(r, invalid_host());
     }
 }

@@ -215,7 +215,7 @@ fn parse_client_hello(body: &[u8]) -> Result<ClientHello, HelloError> {
         match kind {
             EXT_SERVER_NAME => hello.sni = Some(server_name(data)?),
             EXT_ALPN => hello.alpn = alpn(data)?,
-            EXT_ECH | EXT_ESNI => hello.ech = true,
+            kind if ECH_EXTENSIONS.contains(&kind) => hello.ech = true,
             _ => {}
         }
     }
@@ -339,10 +339,22 @@ const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const NAME_TYPE_HOST_NAME: u8 = 0x00;
 const EXT_SERVER_NAME: u16 = 0x0000;
 const EXT_ALPN: u16 = 0x0010;
-/// draft-ietf-tls-esni: encrypted_client_hello.
-const EXT_ECH: u16 = 0xfe0d;
-/// The earlier encrypted_server_name extension.
-const EXT_ESNI: u16 = 0xffce;
+/// Every extension codepoint that carries Encrypted Client Hello, in use or in drafts, or its
+/// ESNI predecessor: a hello with any of them hides its real server name, so all are refused
+/// alike unless a rule says `allow_ech`.
+/// (0xff01 is renegotiation_info, RFC 5746, sent by nearly every client: not on this list.)
+pub const ECH_EXTENSIONS: [u16; 10] = [
+    0xfe0d, // encrypted_client_hello (RFC 9849; draft-ietf-tls-esni-13 and later)
+    0xfe0c, // draft-ietf-tls-esni-12
+    0xfe0b, // draft-ietf-tls-esni-11
+    0xfe0a, // draft-ietf-tls-esni-10
+    0xfe09, // draft-ietf-tls-esni-09
+    0xfe08, // draft-ietf-tls-esni-08
+    0xff02, // draft-ietf-tls-esni-07 encrypted_client_hello
+    0xff03, // draft-ietf-tls-esni-07 ech_nonce
+    0xfd00, // ech_outer_extensions (RFC 9849 §5.1): only an ECH hello carries it
+    0xffce, // encrypted_server_name (ESNI, draft-ietf-tls-esni-01 to -06)
+];
 
 #[cfg(test)]
 mod tests;

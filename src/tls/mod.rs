@@ -3,4 +3,4 @@
 
 pub mod client_hello;
 
-pub use client_hello::{parse, ClientHello, HelloError, Parsed, MAX_HELLO_BYTES};
+pub use client_hello::{parse, ClientHello, HelloError, Parsed, ECH_EXTENSIONS, MAX_HELLO_BYTES};

@@ -192,6 +192,17 @@ fn notices_ech_and_refuses_duplicate_extensions() {
 }
 
 #[test]
+fn every_ech_codepoint_counts_as_ech_and_renegotiation_info_does_not() {
+    for kind in super::ECH_EXTENSIONS {
+        let h = hello_of(&synthetic(&[sni_ext(&[(0, b"public.example.com")]), (kind, vec![0, 1, 2])]));
+        assert!(h.ech, "{kind:#06x}");
+    }
+    // renegotiation_info (RFC 5746), which nearly every client sends.
+    let h = hello_of(&synthetic(&[sni_ext(&[(0, b"ml.azure.com")]), (0xff01, vec![0])]));
+    assert!(!h.ech);
+}
+
+#[test]
 fn every_shrunken_or_grown_byte_has_its_exact_outcome() {
     let base = synthetic(&[
         sni_ext(&[(0, b"ml.azure.com")]),
