@@ -34,14 +34,19 @@ pub async fn respond(
             let top = state.audit.top_denied(TOP_SHOWN);
             reply(StatusCode::OK, JSON, serde_json::to_string_pretty(&top).unwrap_or_default())
         }
-        (&Method::POST, "/reload") => match reloader.map(|r| r.reload()) {
-            Some(Ok(hash)) => reply(StatusCode::OK, TEXT, format!("reloaded {hash}\n")),
-            Some(Err(errors)) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                TEXT,
-                format!("reload failed, the old policy stays in force:\n{errors}\n"),
-            ),
-            None => reply(StatusCode::CONFLICT, TEXT, "this proxy was not started from files it can reload\n".into()),
+        (&Method::POST, "/reload") => match (authorized(&req, &state).await, reloader) {
+            (Err(refused), _) => refused,
+            (Ok(()), Some(reloader)) => match reloader.request().await {
+                Ok(hash) => reply(StatusCode::OK, TEXT, format!("reloaded {hash}\n")),
+                Err(errors) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("reload failed, the old policy stays in force:\n{errors}\n"),
+                ),
+            },
+            (Ok(()), None) => {
+                reply(StatusCode::CONFLICT, TEXT, "this proxy was not started from files it can reload\n".into())
+            }
         },
         (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/denied" | "/reload") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into())
@@ -49,6 +54,37 @@ pub async fn respond(
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     };
     Ok(r)
+}
+
+/// A mutating request must carry `Authorization: Bearer <token>` with the token in
+/// `[admin] token_file`; without a token file, mutating endpoints are refused outright.
+async fn authorized(req: &Request<Incoming>, state: &State) -> Result<(), Response<Full<Bytes>>> {
+    let Some(path) = &state.admin_token_file else {
+        return Err(reply(StatusCode::FORBIDDEN, TEXT, "set [admin] token_file to use this endpoint\n".into()));
+    };
+    let token = match tokio::fs::read_to_string(path).await {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) | Err(_) => {
+            tracing::error!(file = %path.display(), "The admin token file cannot be read, or is empty");
+            return Err(reply(StatusCode::FORBIDDEN, TEXT, "the admin token file cannot be read\n".into()));
+        }
+    };
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_bytes(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => {
+            let mut r = reply(StatusCode::UNAUTHORIZED, TEXT, "a bearer token is required\n".into());
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so that the time taken does not tell how
+/// much of a guessed token was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The effective, expanded policy, with the config's hash and load time.

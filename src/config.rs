@@ -51,8 +51,20 @@ pub struct Config {
     pub nftables: NftablesConfig,
     #[serde(default)]
     pub transparent: TransparentConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// Settings of the admin server (`[listen] admin`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A file holding the bearer token that mutating endpoints (`POST /reload`) require. Without
+    /// it they are refused: anyone who reaches the admin address could otherwise make the proxy
+    /// reload at will. Read at each request, so the token can be rotated without a restart.
+    pub token_file: Option<Spanned<String>>,
 }
 
 /// Settings of the transparent listeners (`[listen] tls`, `plain`, `catch_all`).

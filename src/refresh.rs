@@ -145,7 +145,7 @@ impl Refresher {
                 *e = Some(etag);
             }
         }
-        self.reloader.reload().map_err(|e| RefreshError::Reload(e.to_string()))?;
+        self.reloader.request().await.map_err(|e| RefreshError::Reload(e.to_string()))?;
         Ok(Outcome::Updated { change_number: tags.change_number() })
     }
 

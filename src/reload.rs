@@ -7,23 +7,31 @@
 //! and the audit path are read at start only (changing them needs a restart, and is logged).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::load::{digest_files, load};
 use crate::state::{Limits, State};
 
 /// Reloads the policy from where it was first loaded. Reloads are serialised: SIGHUP, the
-/// watcher, `POST /reload` and the service-tag refresh never interleave.
+/// watcher, `POST /reload` and the service-tag refresh never interleave. They run off the
+/// runtime's worker threads and are coalesced (`request`), so that no number of reload requests
+/// can stall the data path.
 pub struct Reloader {
     path: Option<PathBuf>,
     regions: Vec<String>,
     state: Arc<State>,
     busy: Mutex<()>,
     watched: Mutex<Watched>,
+    /// Reload requests made so far.
+    requested: AtomicU64,
+    /// The last reload run: how many requests it answers (those made before it started), and its
+    /// result. Held while a reload runs, so that requests queue behind it.
+    last: tokio::sync::Mutex<Option<(u64, Result<String, ConfigErrors>)>>,
 }
 
 /// The files of the last load attempt, a digest of what they held, and whether it failed.
@@ -43,10 +51,41 @@ impl Reloader {
         digest: String,
     ) -> Self {
         let watched = Mutex::new(Watched { files, digest, failed_at: None });
-        Self { path, regions, state, busy: Mutex::new(()), watched }
+        Self {
+            path,
+            regions,
+            state,
+            busy: Mutex::new(()),
+            watched,
+            requested: AtomicU64::new(0),
+            last: tokio::sync::Mutex::new(None),
+        }
     }
 
-    /// Builds the whole new policy, then swaps it in; on error the old one stays.
+    /// Reloads off the runtime, coalesced: one reload at a time, and every request made while one
+    /// runs is answered by the next run, which all of them share. A request is never answered by
+    /// a run that started before it was made, so it always sees the files as they were then.
+    pub async fn request(self: &Arc<Self>) -> Result<String, ConfigErrors> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut last = self.last.lock().await;
+        if let Some((answered, result)) = &*last {
+            if *answered >= ticket {
+                return result.clone();
+            }
+        }
+        let answered = self.requested.load(Ordering::SeqCst);
+        let this = Arc::clone(self);
+        let result = tokio::task::spawn_blocking(move || this.reload()).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "Reload task failed; the old policy stays in force");
+            let msg = "the reload task failed; the old policy stays in force".to_string();
+            Err(ConfigErrors(vec![ConfigError { file: String::new(), line: 0, col: 0, field: String::new(), msg }]))
+        });
+        *last = Some((answered, result.clone()));
+        result
+    }
+
+    /// Builds the whole new policy, then swaps it in; on error the old one stays. Blocks: from
+    /// the runtime, use `request`.
     pub fn reload(&self) -> Result<String, ConfigErrors> {
         let _one_at_a_time = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let metrics = &self.state.metrics;
@@ -80,6 +119,7 @@ impl Reloader {
     }
 
     /// True when a watched file changed since the last load, or a failed one is due a retry.
+    /// Reads the files: call it off the runtime.
     fn due(&self) -> bool {
         let Ok(w) = self.watched.lock() else { return false };
         let retry = w.failed_at.is_some_and(|t| t.elapsed() >= RETRY_FAILED);
@@ -99,7 +139,7 @@ pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading");
-                let _ = reloader.reload();
+                let _ = reloader.request().await;
             }
         }
     }
@@ -113,9 +153,10 @@ pub async fn watch(reloader: Arc<Reloader>, every: Duration, shutdown: Cancellat
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        if reloader.due() {
+        let this = Arc::clone(&reloader);
+        if tokio::task::spawn_blocking(move || this.due()).await.unwrap_or(false) {
             tracing::info!("Policy files changed: reloading");
-            let _ = reloader.reload();
+            let _ = reloader.request().await;
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,6 +32,8 @@ pub struct State {
     pub limits: Limits,
     /// `[transparent] original_dst_mismatch`.
     pub mismatch: config::Mismatch,
+    /// `[admin] token_file`, resolved against the config's directory.
+    pub admin_token_file: Option<PathBuf>,
     /// Every configured listener is bound and accepting.
     pub ready: AtomicBool,
     next_id: AtomicU64,
@@ -81,6 +84,7 @@ impl State {
             metrics,
             limits: Limits::from(&config.limits),
             mismatch: config.transparent.original_dst_mismatch,
+            admin_token_file: config.admin.token_file.as_ref().map(|f| config.relative_path(f.get_ref())),
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         })

@@ -30,8 +30,17 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-async fn post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new().post(format!("http://{addr}{path}")).send().await.unwrap();
+/// A POST with the proxy's admin bearer token.
+async fn post(proxy: &TestProxy, path: &str) -> (u16, String) {
+    post_as(proxy.admin_addr, path, Some(&proxy.admin_token)).await
+}
+
+async fn post_as(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut r = reqwest::Client::new().post(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
@@ -150,7 +159,7 @@ async fn health_readiness_policy_and_denied() {
     assert_eq!((denied[1]["host"].as_str(), denied[1]["port"].as_u64()), (Some("other.example.com"), Some(8443)));
     assert_eq!(denied[1]["reason"], "no_rule");
     assert_eq!(get(proxy.admin_addr, "/nope").await.0, 404);
-    assert_eq!(post(proxy.admin_addr, "/metrics").await.0, 405);
+    assert_eq!(post(&proxy, "/metrics").await.0, 405);
 }
 
 #[tokio::test]
@@ -166,7 +175,7 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
 
     // A good file adds a rule: the next connection sees it.
     std::fs::write(&proxy.config, format!("{original}{}", mcr_rule(echo.port()))).unwrap();
-    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    let (status, body) = post(&proxy, "/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"));
     let added_hash = policy_hash(&proxy).await;
@@ -183,7 +192,7 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
         format!("{original}{}[[rule]]\nname = \"x\"\nacton = \"allow\"\n", mcr_rule(echo.port())),
     )
     .unwrap();
-    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    let (status, body) = post(&proxy, "/reload").await;
     assert_eq!(status, 500);
     assert!(body.contains("acton"), "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("200"), "the old policy stays in force");
@@ -191,7 +200,7 @@ async fn reload_applies_a_good_file_keeps_the_old_policy_on_a_broken_one_and_spa
 
     // The file without the rule: new connections are refused; the open tunnel keeps its bytes flowing.
     std::fs::write(&proxy.config, &original).unwrap();
-    let (status, body) = post(proxy.admin_addr, "/reload").await;
+    let (status, body) = post(&proxy, "/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(status_of(proxy.addr, &mcr).await.contains("403"));
     assert_eq!(policy_hash(&proxy).await, original_hash, "the original files give the original hash");
@@ -277,4 +286,43 @@ async fn admin_connections_have_a_limit_of_their_own_and_the_data_path_keeps_ser
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(answered, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test]
+async fn reload_needs_the_bearer_token_and_concurrent_requests_share_one_reload() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::builder(&rules(echo.port(), "")).watch(false).start().await;
+    let before = scrape(&proxy).await;
+    assert_eq!(post_as(proxy.admin_addr, "/reload", None).await.0, 401);
+    assert_eq!(post_as(proxy.admin_addr, "/reload", Some("not-the-token")).await.0, 401);
+    let reloads = r#"egress_proxy_config_reloads_total{result="success"}"#;
+    assert_eq!(delta(&before, &scrape(&proxy).await, reloads), 0.0, "refused requests reload nothing");
+
+    // Many requests at once: each is answered by a reload that started after it was made, and
+    // they share runs instead of queueing one each.
+    const REQUESTS: usize = 12;
+    let asked: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let (addr, token) = (proxy.admin_addr, proxy.admin_token.clone());
+            tokio::spawn(async move { post_as(addr, "/reload", Some(&token)).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for a in asked {
+        let (status, body) = a.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        bodies.push(body);
+    }
+    bodies.dedup();
+    assert_eq!(bodies.len(), 1, "one policy, one hash: {bodies:?}");
+    let runs = delta(&before, &scrape(&proxy).await, reloads);
+    assert!((1.0..REQUESTS as f64).contains(&runs), "{runs} reloads for {REQUESTS} requests");
+}
+
+#[tokio::test]
+async fn without_a_token_file_reload_is_refused() {
+    let echo = echo_origin().await;
+    let proxy = TestProxy::builder(&rules(echo.port(), "")).watch(false).admin_token(false).start().await;
+    let (status, body) = post_as(proxy.admin_addr, "/reload", Some(&proxy.admin_token)).await;
+    assert_eq!((status, body.as_str()), (403, "set [admin] token_file to use this endpoint\n"));
 }

@@ -45,6 +45,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         limits,
         nftables: _,
         transparent: _,
+        admin: _,
         source,
     } = config;
     let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };

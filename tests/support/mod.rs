@@ -44,12 +44,15 @@ pub struct TestProxy {
     pub shutdown: CancellationToken,
     pub done: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
+    /// The bearer token of the admin server's mutating endpoints (`[admin] token_file`).
+    pub admin_token: String,
 }
 
 /// How to start a [`TestProxy`]: `TestProxy::builder(rules).watch(false).start().await`.
 pub struct TestProxyBuilder<'a> {
     rules: &'a str,
     watch: bool,
+    admin_token: bool,
 }
 
 impl TestProxy {
@@ -61,7 +64,7 @@ impl TestProxy {
     }
 
     pub fn builder(rules: &str) -> TestProxyBuilder<'_> {
-        TestProxyBuilder { rules, watch: true }
+        TestProxyBuilder { rules, watch: true, admin_token: true }
     }
 
     pub fn audit(&self) -> Vec<Value> {
@@ -99,11 +102,25 @@ impl TestProxyBuilder<'_> {
         self
     }
 
+    /// Whether the config names an `[admin] token_file` (it does unless told otherwise).
+    pub fn admin_token(mut self, on: bool) -> Self {
+        self.admin_token = on;
+        self
+    }
+
     pub async fn start(self) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let audit_path = dir.path().join("audit.jsonl");
+        let admin_token = format!("test-token-{}", std::process::id());
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, format!("{admin_token}\n")).unwrap();
+        let admin = match self.admin_token {
+            true => format!("[admin]\ntoken_file = {:?}\n", token_file.display().to_string()),
+            false => String::new(),
+        };
         let text = format!(
-            "[service_tags]\nfile = {TAGS:?}\n[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{}",
+            "[service_tags]\nfile = {TAGS:?}\n[audit]\npath = {:?}\n{admin}\
+             [safety]\nallow_internal = [\"127.0.0.0/8\"]\n{}",
             audit_path.display().to_string(),
             self.rules
         );
@@ -123,7 +140,7 @@ impl TestProxyBuilder<'_> {
         }
         let listeners = Listeners { http: Some(listener), admin: Some(admin), ..Listeners::default() };
         let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
-        TestProxy { addr, admin_addr, config, state, audit_path, shutdown, done, dir }
+        TestProxy { addr, admin_addr, config, state, audit_path, shutdown, done, dir, admin_token }
     }
 }
 
