@@ -75,6 +75,20 @@ pub struct TransparentConfig {
     /// its server name resolves to: `log` (audit it, and dial the name's own address) or `deny`.
     #[serde(default)]
     pub original_dst_mismatch: Mismatch,
+    /// Which server names an address rule lets through, for every rule that does not say.
+    #[serde(default)]
+    pub names: Names,
+}
+
+/// Which server names (TLS SNI, HTTP Host, a CONNECT tunnel's SNI) an address rule lets through.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Names {
+    /// Any name, or none: the address decides (on a multi-tenant range, anyone's name passes).
+    #[default]
+    Any,
+    /// Only a connection without a name: a name must be allowed by a host rule of its own.
+    Listed,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
@@ -162,6 +176,10 @@ pub struct RuleConfig {
     /// default; `false` for SSH over CONNECT and the like.
     #[serde(default = "yes")]
     pub tls_only: bool,
+    /// `listed`: a connection that carries a server name passes this (address) rule only if a
+    /// host rule allows the name. Default: `[transparent] names`.
+    #[serde(default)]
+    pub names: Option<Names>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]

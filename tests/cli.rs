@@ -111,6 +111,24 @@ fn validate_prints_the_expanded_policy_and_warns_about_open_storage() {
     );
     assert!(out.contains("warning: rule storage: storage_accounts is empty"), "{out}");
     assert!(!out.contains("AzureFrontDoor.Frontend"), "{out}");
+    assert!(
+        out.contains("warning: rule storage: service tag Storage.WestUS2 is shared by every tenant, and this address rule lets any server name through toward it: set names = \"listed\"\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn validate_warns_about_address_rules_on_shared_tags_unless_names_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+    let rule = "[[rule]]\nname = \"blob\"\naction = \"allow\"\nservice_tags = [\"Storage.WestUS2\"]\n";
+    for (extra, warned) in [("", true), ("names = \"listed\"\n", false)] {
+        let cfg = dir.path().join("p.toml");
+        std::fs::write(&cfg, format!("[service_tags]\nfile = {tags:?}\n{rule}{extra}")).unwrap();
+        let (code, out, _) = run(&["validate", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out.contains("set names = \"listed\""), warned, "{extra:?}: {out}");
+    }
 }
 
 #[test]

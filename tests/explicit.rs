@@ -601,3 +601,26 @@ async fn a_tunnel_must_begin_with_a_tls_hello_unless_the_rule_says_tls_only_fals
     let (resp, _) = raw_exchange(open.addr, req.as_bytes(), Duration::from_millis(500)).await;
     assert!(String::from_utf8_lossy(&resp).ends_with(smuggled[0].as_str()), "echoed back");
 }
+
+#[tokio::test]
+async fn with_names_listed_a_tunnel_to_an_address_must_carry_a_listed_name() {
+    let origin = TlsOrigin::start(NAMES).await;
+    let port = origin.addr.port();
+    let extra = format!(
+        "[[rule]]\nname = \"loopback-listed\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\nnames = \"listed\"\n"
+    );
+    let proxy = TestProxy::start(&rules_for(origin.addr, &extra)).await;
+    // CONNECT to the address, then a server name no host rule allows: refused in the tunnel.
+    let unlisted = tls_through(proxy.addr, "127.0.0.1", port, "evil.example.com", &origin.ca_pem).await;
+    assert_eq!(unlisted.map_err(|e| e.kind()), Err(std::io::ErrorKind::UnexpectedEof));
+    // A name the host rule allows goes through.
+    let listed = tls_through(proxy.addr, "127.0.0.1", port, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    assert!(listed.ends_with("hello from ml.azure.com"), "{listed}");
+    let lines = proxy.audit_at_least(3).await;
+    let d = decisions(&lines);
+    assert_eq!(
+        (d[0]["decision"].as_str(), d[0]["reason"].as_str(), d[0]["host"].as_str()),
+        (Some("deny"), Some("no_rule"), Some("127.0.0.1"))
+    );
+    assert_eq!((d[1]["decision"].as_str(), d[1]["rule"].as_str()), (Some("allow"), Some("loopback-listed")));
+}

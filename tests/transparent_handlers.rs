@@ -321,3 +321,24 @@ async fn plain_listener_decides_every_request_on_its_own_host() {
         ]
     );
 }
+
+#[tokio::test]
+async fn with_names_listed_an_address_rule_serves_only_connections_without_a_name() {
+    let origin = TlsOrigin::start(&["evil.example.com", "ml.azure.com"]).await;
+    let port = origin.addr.port();
+    let h = Harness::new(port, "[transparent]\nnames = \"listed\"\n");
+    let to_loopback: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The address rule allows 127.0.0.1, but no host rule allows evil.example.com: refused.
+    let unlisted = https_get(h.connect(Redirect::Tls, to_loopback).await, "evil.example.com", &origin.ca_pem).await;
+    assert_eq!(unlisted.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    // A name a host rule allows still passes.
+    let page = https_get(h.connect(Redirect::Tls, to_loopback).await, "ml.azure.com", &origin.ca_pem).await.unwrap();
+    assert!(page.ends_with("hello from ml.azure.com"));
+    let lines = h.audit(3).await;
+    let d: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["event"] == "decision")
+        .map(|l| (l["decision"].as_str().unwrap(), l["reason"].as_str().or(l["rule"].as_str()).unwrap()))
+        .collect();
+    assert_eq!(d, [("deny", "no_rule"), ("allow", "azureml")]);
+}

@@ -13,7 +13,7 @@ use super::nets::RangeIndex;
 use super::safety::Safety;
 use super::service_tags::TagTable;
 use super::{Policy, PortSet, Rule};
-use crate::config::{Action, Config, ConfigError, ConfigErrors, PortRange, RuleConfig, Seconds, Source};
+use crate::config::{Action, Config, ConfigError, ConfigErrors, Names, PortRange, RuleConfig, Seconds, Source};
 
 /// A policy and what the operator should know about it.
 #[derive(Debug)]
@@ -44,11 +44,11 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         audit: _,
         limits,
         nftables: _,
-        transparent: _,
+        transparent,
         admin: _,
         source,
     } = config;
-    let mut cx = Cx { source, tags, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Cx { source, tags, names: transparent.names, errors: Vec::new(), warnings: Vec::new() };
 
     // Not policy, but checked here so that every error in the file is reported at once.
     if let Some(url) = &service_tags.url {
@@ -182,6 +182,8 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
 struct Cx<'a> {
     source: &'a Source,
     tags: &'a TagTable,
+    /// `[transparent] names`, for rules that do not say.
+    names: Names,
     errors: Vec<ConfigError>,
     warnings: Vec<Warning>,
 }
@@ -219,6 +221,7 @@ impl Cx<'_> {
             sni_check,
             allow_ech,
             tls_only,
+            names,
         } = rc;
         let before = self.errors.len();
 
@@ -314,6 +317,7 @@ impl Cx<'_> {
             sni_check: *sni_check,
             allow_ech: *allow_ech,
             tls_only: *tls_only,
+            names_listed: names.unwrap_or(self.names) == Names::Listed,
         })
     }
 
@@ -380,7 +384,18 @@ fn lint(rule: &Rule) -> Vec<Warning> {
         let lower = tag.to_ascii_lowercase();
         if lower == "azurefrontdoor.frontend" {
             warn(format!("service tag {tag} is every customer's Front Door endpoint: an exfiltration path"));
-        } else if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty() {
+        }
+        let multi_tenant = lower == "azurefrontdoor.frontend"
+            || lower == "storage"
+            || lower.starts_with("storage.")
+            || lower == "azurecloud"
+            || lower.starts_with("azurecloud.");
+        if multi_tenant && rule.patterns.is_empty() && !rule.names_listed {
+            warn(format!(
+                "service tag {tag} is shared by every tenant, and this address rule lets any server name through toward it: set names = \"listed\""
+            ));
+        }
+        if (lower == "storage" || lower.starts_with("storage.")) && rule.patterns.is_empty() {
             warn(format!("service tag {tag} is every storage account in its region, anyone's included: restrict it with hosts (storage_accounts)"));
         } else if lower == "azurecloud" || lower.starts_with("azurecloud.") {
             warn(format!("service tag {tag} is all of Azure, anyone's tenant included"));

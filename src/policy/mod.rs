@@ -72,6 +72,9 @@ pub struct Rule {
     pub allow_ech: bool,
     /// A tunnel must begin with a TLS ClientHello.
     pub tls_only: bool,
+    /// `names = "listed"`: a connection that carries a server name passes this rule by its address
+    /// only if a host rule allows the name.
+    pub names_listed: bool,
 }
 
 /// What a rule says about the bytes of a tunnel it allows. Read once, when the rule is chosen, and
@@ -84,16 +87,23 @@ pub struct TunnelOptions {
     pub allow_ech: bool,
     /// A tunnel must begin with a TLS ClientHello (`not_tls` otherwise).
     pub tls_only: bool,
+    /// A server name in the tunnel must be allowed by a host rule (`names = "listed"`).
+    pub names_listed: bool,
 }
 
 impl TunnelOptions {
     /// The defaults of a rule that says nothing: every check on.
-    pub const STRICT: Self = Self { sni_check: true, allow_ech: false, tls_only: true };
+    pub const STRICT: Self = Self { sni_check: true, allow_ech: false, tls_only: true, names_listed: true };
 }
 
 impl Rule {
     pub fn tunnel_options(&self) -> TunnelOptions {
-        TunnelOptions { sni_check: self.sni_check, allow_ech: self.allow_ech, tls_only: self.tls_only }
+        TunnelOptions {
+            sni_check: self.sni_check,
+            allow_ech: self.allow_ech,
+            tls_only: self.tls_only,
+            names_listed: self.names_listed,
+        }
     }
 }
 

@@ -264,11 +264,24 @@ fn lints_rules_that_reach_places_anyone_can_write_to() {
         .into_iter()
         .map(|w| format!("{}: {}", w.rule.unwrap(), w.message))
         .collect();
-    assert_eq!(w.len(), 4, "{w:#?}");
+    assert_eq!(w.len(), 6, "{w:#?}");
     assert!(w[0].starts_with("blob: *.blob.core.windows.net reaches core.windows.net"), "{}", w[0]);
     assert!(w[1].starts_with("blob: *.co.uk is a wildcard on the public suffix co.uk"), "{}", w[1]);
-    assert!(w[2].starts_with("fd: service tag AzureFrontDoor.Frontend"), "{}", w[2]);
-    assert!(w[3].starts_with("fd: service tag Storage.WestUS2 is every storage account"), "{}", w[3]);
+    assert!(w[2].starts_with("fd: service tag AzureFrontDoor.Frontend is every customer's"), "{}", w[2]);
+    let any_name = "is shared by every tenant, and this address rule lets any server name through toward it";
+    assert_eq!(w[3], format!("fd: service tag AzureFrontDoor.Frontend {any_name}: set names = \"listed\""));
+    assert_eq!(w[4], format!("fd: service tag Storage.WestUS2 {any_name}: set names = \"listed\""));
+    assert!(w[5].starts_with("fd: service tag Storage.WestUS2 is every storage account"), "{}", w[5]);
+
+    // With names = "listed" the address rule no longer lets any name through: that warning goes.
+    let listed = Config::from_str(
+        "regions=['westus2']\n[[rule]]\nname='fd'\naction='allow'\nservice_tags=['Storage.WestUS2']\nnames='listed'\n",
+        Origin::Embedded,
+    )
+    .unwrap();
+    let w: Vec<String> = compile(&listed, &tags()).unwrap().warnings.into_iter().map(|w| w.message).collect();
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(w[0].contains("is every storage account"), "{}", w[0]);
 }
 
 // === property test: the indexed matcher agrees with a naive scan ===

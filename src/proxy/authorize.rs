@@ -111,6 +111,13 @@ pub async fn authorize_redirected(
     }
     let q = Query { name: None, addr: Some(fold_mapped(r.original_dst.ip())), port, source: Some(r.client) };
     match (policy.decide(&q), by_name) {
+        // `names = "listed"`: the address rule serves connections without a name; this one has a
+        // name no host rule allows, and its own refusal stands.
+        (Decision::Allow { rule }, Some((_, Decision::Deny { reason, rule: by })))
+            if policy.rule(rule).is_some_and(|r| r.names_listed) =>
+        {
+            Err(Refusal::Policy { reason, rule: by })
+        }
         (Decision::Allow { rule }, _) => Ok(single(policy, r.original_dst, rule)),
         // The name's own refusal says more than the address's `no_rule`.
         (_, Some((_, Decision::Deny { reason, rule }))) => Err(Refusal::Policy { reason, rule }),

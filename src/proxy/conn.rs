@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{Closed, Decided, Listener, Verdict};
-use crate::policy::{Destination, HostName, Policy, RuleId};
+use crate::policy::{Decision, Destination, HostName, Policy, Query, RuleId};
 use crate::state::State;
 
 use super::authorize::{authorize, authorize_redirected, Permit, Redirected};
@@ -121,6 +121,16 @@ impl Conn {
         let original_dst = self.original_dst.ok_or(Refusal::NoOriginalDst)?;
         let r = Redirected { name, original_dst, client: self.client.ip() };
         authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await
+    }
+
+    /// Decides a server name met inside a tunnel that was allowed by address (`names = "listed"`):
+    /// a host rule must allow it too.
+    pub fn decide_name(&self, name: &HostName, port: u16) -> Result<(), Refusal> {
+        let q = Query { name: Some(name), addr: None, port, source: Some(self.client.ip()) };
+        match self.policy.decide(&q) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { reason, rule } => Err(Refusal::Policy { reason, rule }),
+        }
     }
 
     /// Dials a permit within the connect timeout, and times the connect.

@@ -16,7 +16,7 @@ use super::dial::Upstream;
 use super::refusal::Refusal;
 use super::tunnel::meter::Meter;
 use super::tunnel::tunnel_tcp;
-use crate::policy::Destination;
+use crate::policy::{Destination, Host};
 use crate::tls;
 
 /// Answers a CONNECT to `dest`: 200 and a tunnel, or the refusal.
@@ -91,6 +91,13 @@ async fn first_bytes(
     })?;
     if let Some(hello) = &d.value {
         check_hello(hello, dest.host.name(), grant.tunnel).map_err(by_rule)?;
+        // A tunnel to an address, allowed by an address rule: with `names = "listed"`, the name
+        // it carries must be allowed by a host rule of its own.
+        if let (Host::Ip(_), Some(sni)) = (&dest.host, &hello.sni) {
+            if grant.tunnel.names_listed {
+                conn.decide_name(sni, dest.port)?;
+            }
+        }
     }
     Ok((client, d.prefix))
 }
