@@ -624,3 +624,68 @@ async fn with_names_listed_a_tunnel_to_an_address_must_carry_a_listed_name() {
     );
     assert_eq!((d[1]["decision"].as_str(), d[1]["rule"].as_str()), (Some("allow"), Some("loopback-listed")));
 }
+
+/// A HelloRetryRequest record (RFC 8446 §4.1.3: a ServerHello whose random is this constant).
+fn hello_retry_request() -> Vec<u8> {
+    let random = [
+        0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91, 0xc2, 0xa2,
+        0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+    ];
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&random);
+    body.extend_from_slice(&[0, 0x13, 0x01, 0, 0, 0]);
+    let mut rec = vec![0x16, 0x03, 0x03, 0, (body.len() + 4) as u8, 0x02, 0, 0, body.len() as u8];
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// An upstream that answers the first hello with a HelloRetryRequest and reports every byte it
+/// got after that.
+async fn retrying_upstream() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut first = vec![0u8; 4096];
+        let _ = s.read(&mut first).await.unwrap();
+        s.write_all(&hello_retry_request()).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        let _ = tx.send(rest);
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_second_hello_after_a_retry_request_must_name_the_same_server() {
+    let ccs = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+    for (second_sni, passes) in [("evil.example.com", false), ("ml.azure.com", true)] {
+        let (upstream, got) = retrying_upstream().await;
+        let proxy = TestProxy::start(&rules_for(upstream, "")).await;
+        let mut s = connect_tunnel(proxy.addr, "ml.azure.com", upstream.port()).await;
+        s.write_all(&client_hello("ml.azure.com", &[])).await.unwrap();
+        let hrr = hello_retry_request();
+        let mut back = vec![0u8; hrr.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, hrr, "the retry request reaches the client");
+        let second = [&ccs[..], &client_hello(second_sni, &[])].concat();
+        s.write_all(&second).await.unwrap();
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        let got = got.await.unwrap();
+        drop(s); // ends an open tunnel, which writes its close line
+        let lines = proxy.audit_at_least(2).await;
+        if passes {
+            assert_eq!(got, second, "the second hello goes on");
+            assert_eq!(lines[1]["reason"], Value::Null);
+        } else {
+            assert_eq!(ended.expect("the tunnel is closed").map_err(|e| e.kind()), Ok(0));
+            assert!(got.is_empty(), "nothing of the second hello went upstream: {got:?}");
+            assert_eq!(
+                (lines[1]["event"].as_str(), lines[1]["reason"].as_str(), lines[1]["rule"].as_str()),
+                (Some("close"), Some("sni_mismatch"), Some("azureml"))
+            );
+        }
+    }
+}

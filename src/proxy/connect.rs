@@ -14,10 +14,11 @@ use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, TunnelHello};
 use super::dial::Upstream;
 use super::refusal::Refusal;
+use super::retry::follow_retry;
 use super::tunnel::meter::Meter;
 use super::tunnel::tunnel_tcp;
 use crate::policy::{Destination, Host};
-use crate::tls;
+use crate::tls::{self, ClientHello};
 
 /// Answers a CONNECT to `dest`: 200 and a tunnel, or the refusal.
 pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest: Destination) -> Response<ProxyBody> {
@@ -40,25 +41,37 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
 async fn tunnel(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination, upstream: Upstream) {
-    let (client, prefix) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
+    let (mut client, prefix, hello) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
         Ok(opened) => opened,
         Err(refusal) => return conn.refused(&refusal),
     };
-    let close = conn.allowed(upstream.to, Meter::new());
+    let Upstream { stream: mut upstream, to } = upstream;
+    let close = conn.allowed(to, Meter::new());
+    let prefix = match &hello {
+        Some(hello) => {
+            let wait = cx.state.limits.request_head_timeout;
+            match follow_retry(&mut client, &mut upstream, hello, &prefix, to.grant.tunnel, close.meter(), wait).await {
+                Ok(()) => Vec::new(),
+                Err(refusal) => return close.failed(&refusal.with_rule(to.grant.rule)),
+            }
+        }
+        None => prefix,
+    };
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
-    let end = tunnel_tcp(client, upstream.stream, &prefix, close.meter(), idle, stop).await;
+    let end = tunnel_tcp(client, upstream, &prefix, close.meter(), idle, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");
 }
 
 /// The client's socket once hyper hands it over, and the tunnel's first bytes, checked: a
-/// ClientHello must name what was decided and carry no ECH, unless the rule says otherwise.
+/// ClientHello must name what was decided and carry no ECH, unless the rule says otherwise. The
+/// hello, when there is one, is followed further by `follow_retry`.
 async fn first_bytes(
     req: Request<Incoming>,
     cx: &ConnCx,
     conn: &Conn,
     dest: &Destination,
     upstream: &Upstream,
-) -> Result<(TcpStream, Vec<u8>), Refusal> {
+) -> Result<(TcpStream, Vec<u8>, Option<ClientHello>), Refusal> {
     let upgraded = hyper::upgrade::on(req).await.map_err(|e| {
         tracing::debug!(id = conn.id, error = %e, "CONNECT upgrade failed");
         Refusal::BadRequest("the client left before the tunnel opened")
@@ -71,7 +84,7 @@ async fn first_bytes(
     };
     let grant = upstream.to.grant;
     if !grant.tunnel.sni_check && grant.tunnel.allow_ech && !grant.tunnel.tls_only {
-        return Ok((client, early));
+        return Ok((client, early, None));
     }
     let wait = cx.state.limits.request_head_timeout;
     // The rule that allowed the tunnel is the one whose checks refuse it.
@@ -99,5 +112,5 @@ async fn first_bytes(
             }
         }
     }
-    Ok((client, d.prefix))
+    Ok((client, d.prefix, d.value))
 }

@@ -22,6 +22,7 @@ pub mod head;
 pub mod http;
 pub mod prefixed;
 pub mod refusal;
+pub mod retry;
 pub mod transparent;
 pub mod tunnel;
 

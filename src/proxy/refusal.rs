@@ -87,6 +87,14 @@ impl Refusal {
         }
     }
 
+    /// A policy refusal met inside a tunnel names the rule whose checks made it.
+    pub fn with_rule(self, rule: RuleId) -> Self {
+        match self {
+            Self::Policy { reason, rule: None } => Self::Policy { reason, rule: Some(rule) },
+            other => other,
+        }
+    }
+
     pub fn rule(&self) -> Option<RuleId> {
         match self {
             Self::Policy { rule, .. } => *rule,

@@ -29,10 +29,12 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, Detected, Hello, RequestHead};
+use super::dial::Upstream;
 use super::forward::forward;
 use super::http::http1_builder;
 use super::prefixed::Prefixed;
 use super::refusal::Refusal;
+use super::retry::follow_retry;
 use super::tunnel::meter::Meter;
 use super::tunnel::tunnel_tcp;
 use crate::audit::Listener;
@@ -97,13 +99,20 @@ async fn serve_tls(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx>)
     if let Some((reason, rule)) = refused {
         return refuse(conn, &Refusal::Policy { reason, rule: Some(rule) }, stream);
     }
-    let upstream = match conn.dial(&permit).await {
+    let Upstream { stream: mut upstream, to } = match conn.dial(&permit).await {
         Ok(u) => u,
         Err(refusal) => return refuse(conn, &refusal, stream),
     };
-    let close = conn.allowed(upstream.to, Meter::new());
+    let close = conn.allowed(to, Meter::new());
+    let mut stream = stream;
+    if let Err(refusal) =
+        follow_retry(&mut stream, &mut upstream, &hello, &prefix, to.grant.tunnel, close.meter(), wait).await
+    {
+        close.failed(&refusal.with_rule(to.grant.rule));
+        return reset(stream);
+    }
     let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
-    let end = tunnel_tcp(stream, upstream.stream, &prefix, close.meter(), idle, stop).await;
+    let end = tunnel_tcp(stream, upstream, b"", close.meter(), idle, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");
 }
 

@@ -2,5 +2,6 @@
 //! This directory never sees a socket.
 
 pub mod client_hello;
+pub mod server_hello;
 
 pub use client_hello::{parse, ClientHello, HelloError, Parsed, ECH_EXTENSIONS, MAX_HELLO_BYTES};

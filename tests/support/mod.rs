@@ -389,16 +389,21 @@ pub async fn connect_tunnel(proxy: SocketAddr, host: &str, port: u16) -> tokio::
 
 /// A minimal ClientHello record for `sni`, with an encrypted_client_hello extension.
 pub fn hello_with_ech(sni: &str) -> Vec<u8> {
+    client_hello(sni, &[(0xfe0d, vec![0, 1, 2, 3])])
+}
+
+/// A minimal ClientHello record for `sni`, with `extra` extensions after server_name.
+pub fn client_hello(sni: &str, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
     let mut sn = vec![0u8];
     sn.extend_from_slice(&(sni.len() as u16).to_be_bytes());
     sn.extend_from_slice(sni.as_bytes());
     let mut sni_ext = (sn.len() as u16).to_be_bytes().to_vec();
     sni_ext.extend_from_slice(&sn);
     let mut exts = Vec::new();
-    for (kind, data) in [(0x0000u16, sni_ext), (0xfe0d, vec![0, 1, 2, 3])] {
+    for (kind, data) in std::iter::once(&(0x0000u16, sni_ext)).chain(extra) {
         exts.extend_from_slice(&kind.to_be_bytes());
         exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        exts.extend_from_slice(&data);
+        exts.extend_from_slice(data);
     }
     let mut body = vec![0x03, 0x03];
     body.extend_from_slice(&[7; 32]);
