@@ -689,3 +689,21 @@ async fn a_second_hello_after_a_retry_request_must_name_the_same_server() {
         }
     }
 }
+
+#[tokio::test]
+async fn max_request_head_bytes_is_exact() {
+    let origin = http_origin().await;
+    let proxy = TestProxy::start(&rules_for(origin, "[limits]\nmax_request_head_bytes = 32768\n")).await;
+    let head = |len: usize| {
+        let start = "GET http://evil.example.com/ HTTP/1.1\r\nHost: evil.example.com\r\nX-Pad: ";
+        let pad = "a".repeat(len - start.len() - 4);
+        format!("{start}{pad}\r\n\r\n")
+    };
+    for (len, status) in [(32 * 1024, "403"), (32 * 1024 + 1, "431"), (48 * 1024, "431")] {
+        let req = head(len);
+        assert_eq!(req.len(), len);
+        let (resp, _) = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{len} bytes: {resp}");
+    }
+}

@@ -60,6 +60,9 @@ pub fn http1_builder(limits: &Limits) -> http1::Builder {
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.request_head_timeout)
         .max_buf_size(limits.max_request_head_bytes)
+        // The buffer limit alone is soft (a head that completes within one more read passes):
+        // this one is checked on the parsed head, to the byte (431 beyond it).
+        .max_header_size(limits.max_request_head_bytes)
         .half_close(false);
     b
 }
