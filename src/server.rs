@@ -189,11 +189,16 @@ async fn accept_redirected(
     }
 }
 
-/// Where a redirected connection was going (SO_ORIGINAL_DST, IPv4 and IPv6).
+/// Where a redirected connection was going (SO_ORIGINAL_DST, IPv4 and IPv6). On a dual-stack
+/// listener (`[::]:port`) an IPv4 connection has a v4-mapped local address, and its original
+/// destination is in the IPv4 table.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
-    let addr = if local.is_ipv4() { sock.original_dst() } else { sock.original_dst_ipv6() };
+    let is_v4 = match stream.local_addr().ok()?.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+    };
+    let addr = if is_v4 { sock.original_dst() } else { sock.original_dst_ipv6() };
     addr.ok()?.as_socket()
 }
 
