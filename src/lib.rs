@@ -31,7 +31,8 @@
 //! - `server`: takes bound listeners, accepts within the limits, drains on
 //!   shutdown; the admin endpoints are served in the same tracker.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
-//! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it.
+//! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it;
+//!   a bounded queue to one writer thread, so a stalled sink never holds up a connection.
 //! - `metrics`: the Prometheus catalogue over an owned registry.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
 //! - `time`: the one way times are written (RFC 3339, milliseconds) in audit lines and JSON.

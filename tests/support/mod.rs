@@ -64,7 +64,10 @@ impl TestProxy {
         TestProxyBuilder { rules, watch: true }
     }
 
+    /// The audit lines so far. Lines are queued before the client is answered and written by the
+    /// audit thread; this waits for what was queued before reading.
     pub fn audit(&self) -> Vec<Value> {
+        assert!(self.state.audit.flush(Duration::from_secs(10)), "the audit queue did not drain");
         read_audit(&self.audit_path)
     }
 
