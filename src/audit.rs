@@ -9,7 +9,11 @@
 //! on stderr, never retried into a growing buffer. While the queue is full, `refuses_new` tells
 //! the connection path to refuse new connections (`[audit] on_stall = "refuse"`, the default)
 //! or to serve them and count what is lost (`"count"`).
+//!
+//! Every line carries `prev`, the hash of the line before it (`chain`); `chain::ChainCheck`
+//! verifies a log (`egress-proxy audit verify`).
 
+pub mod chain;
 mod writer;
 
 use std::io;
@@ -228,9 +232,12 @@ mod tests {
             let _g = c.wait_while(m.lock().unwrap(), |g| !g.held).unwrap();
         }
 
+        fn raw(&self) -> String {
+            String::from_utf8(self.0 .0.lock().unwrap().bytes.clone()).unwrap()
+        }
+
         fn lines(&self) -> Vec<serde_json::Value> {
-            let bytes = self.0 .0.lock().unwrap().bytes.clone();
-            String::from_utf8(bytes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+            self.raw().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
         }
     }
 
@@ -289,31 +296,31 @@ mod tests {
     #[test]
     fn a_stalled_sink_never_blocks_the_caller_refuses_while_full_and_counts_what_is_lost() {
         let (audit, gate, metrics) = gated(OnStall::Refuse);
-        record_within(&audit, 0..1, Duration::from_secs(5));
-        gate.until_held();
+        gate.until_held(); // on its chain_start line
         assert!(!audit.is_stalled() && !audit.refuses_new(), "one line held is not a stall");
 
         let queued = QUEUE_LINES as u64;
-        record_within(&audit, 1..queued + 11, Duration::from_secs(10));
+        record_within(&audit, 0..queued + 10, Duration::from_secs(10));
         assert!(audit.is_stalled() && audit.refuses_new());
         assert_eq!((metrics.audit_lost.get(), metrics.audit_lines.get()), (10, 0), "the queue holds {queued}");
         let deny = ["http", "deny", "", "no_rule"];
-        assert_eq!(metrics.decisions.with_label_values(&deny).get(), queued + 11, "metrics move for lost lines too");
+        assert_eq!(metrics.decisions.with_label_values(&deny).get(), queued + 10, "metrics move for lost lines too");
 
         gate.open();
         assert!(audit.flush(Duration::from_secs(10)));
         assert!(!audit.is_stalled() && !audit.refuses_new(), "the stall ends when the queue drains");
-        let ids: Vec<u64> = gate.lines().iter().map(|l| l["id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, (0..=queued).collect::<Vec<_>>(), "written in order, the lost ones missing");
+        let lines = gate.lines();
+        assert_eq!(lines[0]["event"], "chain_start");
+        let ids: Vec<u64> = lines[1..].iter().map(|l| l["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, (0..queued).collect::<Vec<_>>(), "written in order, the lost ones missing");
         assert_eq!((metrics.audit_lost.get(), metrics.audit_lines.get()), (10, queued + 1));
     }
 
     #[test]
     fn with_on_stall_count_a_full_queue_does_not_refuse() {
         let (audit, gate, metrics) = gated(OnStall::Count);
-        record_within(&audit, 0..1, Duration::from_secs(5));
         gate.until_held();
-        record_within(&audit, 1..QUEUE_LINES as u64 + 3, Duration::from_secs(10));
+        record_within(&audit, 0..QUEUE_LINES as u64 + 2, Duration::from_secs(10));
         assert!(audit.is_stalled() && !audit.refuses_new());
         assert_eq!(metrics.audit_lost.get(), 2);
         gate.open();
@@ -328,5 +335,23 @@ mod tests {
         assert!(!audit.flush(Duration::from_millis(50)));
         gate.open();
         assert!(audit.flush(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn every_line_links_to_the_one_before_from_a_chain_start_of_zeros() {
+        let (audit, gate, _) = gated(OnStall::Refuse);
+        gate.open();
+        record_within(&audit, 0..3, Duration::from_secs(5));
+        assert!(audit.flush(Duration::from_secs(10)));
+        let raw = gate.raw();
+        let lines: Vec<&str> = raw.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].ends_with(&format!(r#""event":"chain_start","prev":"{}"}}"#, "0".repeat(64))), "{raw}");
+        for pair in lines.windows(2) {
+            let prev = chain::hex(&chain::digest(pair[0].as_bytes()));
+            assert!(pair[1].ends_with(&format!(r#","prev":"{prev}"}}"#)), "{raw}");
+        }
+        let mut check = chain::ChainCheck::new();
+        assert!(lines.iter().all(|l| check.check(l.as_bytes()).is_ok()));
     }
 }
