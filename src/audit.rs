@@ -187,6 +187,13 @@ impl Audit {
         self.on_stall == OnStall::Refuse && self.is_stalled()
     }
 
+    /// Reopens the log file by its path (append, create), for logrotate: lines recorded before
+    /// go to the file open now, lines after to the file at the path, which goes on with a
+    /// `chain_start`. Returns at once; the writer thread does the work. Nothing on stdout.
+    pub fn reopen(&self) {
+        self.queue.reopen();
+    }
+
     /// Waits, at most `within`, until every line recorded before the call is written or lost;
     /// false if that did not happen in time. Blocks the calling thread: for shutdown and tests.
     pub fn flush(&self, within: Duration) -> bool {

@@ -124,3 +124,42 @@ fn verify_exits_2_on_a_file_it_cannot_read() {
     std::fs::write(&empty, "").unwrap();
     assert_eq!(verify(&[&empty]).0, 1, "an empty log has lost its chain_start");
 }
+
+#[test]
+fn reopen_after_a_rename_writes_to_a_new_file_that_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "[audit]\npath = \"audit.jsonl\"\n").unwrap();
+    let state = egress_proxy::state::State::build(egress_proxy::load::load(Some(&cfg), &[]).unwrap()).unwrap();
+    let (log, rotated) = (dir.path().join("audit.jsonl"), dir.path().join("audit.jsonl.1"));
+    state.audit.decided(&refusal(1));
+    assert!(state.audit.flush(Duration::from_secs(10)));
+
+    // logrotate: rename, then SIGHUP. A line recorded in between still goes to the open file.
+    std::fs::rename(&log, &rotated).unwrap();
+    state.audit.decided(&refusal(2));
+    state.audit.reopen();
+    state.audit.decided(&refusal(3));
+    assert!(state.audit.flush(Duration::from_secs(10)));
+    let (old, new) = (lines(&rotated), lines(&log));
+    let event =
+        |l: &String| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_string();
+    assert_eq!(old.iter().map(event).collect::<Vec<_>>(), ["chain_start", "decision", "decision"]);
+    assert_eq!(new.iter().map(event).collect::<Vec<_>>(), ["chain_start", "decision"], "{new:#?}");
+    let last_old = egress_proxy::audit::chain::hex(&egress_proxy::audit::chain::digest(old[2].as_bytes()));
+    assert!(new[0].ends_with(&format!("\"prev\":\"{last_old}\"}}")), "the new file links to the old one");
+    assert!(new[1].contains("\"id\":3"));
+    assert_eq!(verify(&[&rotated, &log]), (0, "intact: 5 lines in 2 files\n".into()));
+    assert_eq!(verify(&[&log]), (0, "intact: 2 lines in 1 file\n".into()), "each file verifies alone");
+    assert_eq!(verify(&[&log, &rotated]), (1, format!("{}:1: {MISMATCH}\n", rotated.display())), "wrong order");
+
+    // A reopen without a rotation goes on in the same file.
+    state.audit.reopen();
+    state.audit.decided(&refusal(4));
+    assert!(state.audit.flush(Duration::from_secs(10)));
+    assert_eq!(
+        lines(&log).iter().map(event).collect::<Vec<_>>(),
+        ["chain_start", "decision", "chain_start", "decision"]
+    );
+    assert_eq!(verify(&[&rotated, &log]), (0, "intact: 7 lines in 2 files\n".into()));
+}

@@ -249,7 +249,7 @@ struct Running {
     addr: String,
     admin: String,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Running {
@@ -288,7 +288,7 @@ impl Running {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        Self { child: KillOnDrop(child), addr: addr.unwrap(), admin: admin.unwrap(), stderr, _dir: dir }
+        Self { child: KillOnDrop(child), addr: addr.unwrap(), admin: admin.unwrap(), stderr, dir }
     }
 
     /// The status line and deny reason of one request, which must be answered within 10 s.
@@ -373,4 +373,38 @@ fn with_on_stall_count_a_stalled_audit_stdout_keeps_serving_and_counts_the_lines
     let lost = proxy.metric("egress_proxy_audit_lines_lost_total");
     assert!(lost >= 900.0, "{lost} lines counted as lost");
     drop(stdout);
+}
+
+#[test]
+fn sighup_reopens_the_audit_file_so_logrotate_can_rename_it() {
+    let proxy = Running::start("[audit]\npath = \"audit.jsonl\"\n", Stdio::null());
+    let (log, rotated) = (proxy.dir.path().join("audit.jsonl"), proxy.dir.path().join("audit.jsonl.1"));
+    let denied = "CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n";
+    let wait_for = |path: &std::path::Path, lines: usize| {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= lines {
+                return text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{} has fewer than {lines} lines: {text}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(proxy.ask(denied), (403, "no_rule".into()));
+    wait_for(&log, 2);
+    std::fs::rename(&log, &rotated).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &proxy.child.0.id().to_string()]).status().unwrap().success());
+    let new = wait_for(&log, 1);
+    assert!(new.starts_with("{\"ts\":") && new.contains("\"event\":\"chain_start\""), "{new}");
+    assert_eq!(proxy.ask(denied), (403, "no_rule".into()));
+    let new = wait_for(&log, 2);
+    assert!(new.lines().nth(1).unwrap().contains("\"reason\":\"no_rule\""), "{new}");
+    assert_eq!(std::fs::read_to_string(&rotated).unwrap().lines().count(), 2, "the old file got nothing more");
+    let out = Command::new(BIN).args(["audit", "verify"]).arg(&rotated).arg(&log).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "intact: 4 lines in 2 files\n");
 }

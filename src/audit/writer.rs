@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -36,6 +36,8 @@ enum Msg {
     Line(Vec<u8>),
     /// Answered once every message before it is done.
     Flush(mpsc::Sender<()>),
+    /// Reopen the file by its path (after a rotation), and go on with a `chain_start`.
+    Reopen,
 }
 
 /// What the writer thread and the senders both see.
@@ -45,6 +47,8 @@ struct Shared {
     pending: AtomicUsize,
     /// Cleared when the writer thread ends (it never should).
     alive: AtomicBool,
+    /// A reopen that did not fit in the queue: done before the next message.
+    reopen: AtomicBool,
     metrics: Metrics,
     report: Report,
 }
@@ -76,7 +80,10 @@ struct ChainStart {
 
 enum Sink {
     Stdout(io::Stdout),
-    File(File),
+    File {
+        file: File,
+        path: PathBuf,
+    },
     #[cfg(test)]
     Other(Box<dyn Write + Send>),
 }
@@ -101,7 +108,7 @@ impl Queue {
             return Self::start(Writer { sink: Sink::Stdout(io::stdout()), prev: GENESIS, shared }, true);
         }
         let (file, prev) = open_file(Path::new(path), GENESIS)?;
-        let mut writer = Writer { sink: Sink::File(file), prev, shared };
+        let mut writer = Writer { sink: Sink::File { file, path: path.into() }, prev, shared };
         writer.append(chain_start()?)?;
         Self::start(writer, false)
     }
@@ -124,6 +131,14 @@ impl Queue {
     pub fn line(&self, line: Vec<u8>) {
         if self.send(Msg::Line(line)).is_err() {
             self.shared.lost("the audit queue is full: the sink is not taking lines");
+        }
+    }
+
+    /// Has the writer reopen the file after the lines queued so far (or, when the queue is full,
+    /// before the next one it takes). Nothing to do on stdout.
+    pub fn reopen(&self) {
+        if self.send(Msg::Reopen).is_err() {
+            self.shared.reopen.store(true, Ordering::Release);
         }
     }
 
@@ -171,6 +186,7 @@ impl Shared {
         Arc::new(Self {
             pending: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
+            reopen: AtomicBool::new(false),
             metrics,
             report: Report { started: Instant::now(), next_ms: AtomicU64::new(0), unreported: AtomicU64::new(0) },
         })
@@ -203,8 +219,12 @@ impl Writer {
         }
         while let Ok(msg) = rx.recv() {
             self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            if self.shared.reopen.swap(false, Ordering::AcqRel) {
+                self.reopen();
+            }
             match msg {
                 Msg::Line(line) => self.write(line),
+                Msg::Reopen => self.reopen(),
                 Msg::Flush(done) => {
                     let _ = done.send(());
                 }
@@ -216,6 +236,24 @@ impl Writer {
     fn write(&mut self, line: Vec<u8>) {
         if let Err(e) = self.append(line) {
             self.shared.lost(&format!("the audit sink cannot be written: {e}"));
+        }
+    }
+
+    /// Opens the file at its path again (logrotate renamed it away), and goes on with a
+    /// `chain_start` linked to the new file's last line, or, in a new file, to the last line
+    /// written to the old one. If it cannot be opened, lines go on to the file open now.
+    fn reopen(&mut self) {
+        let Sink::File { file, path } = &mut self.sink else { return };
+        match open_file(path, self.prev) {
+            Ok((new, prev)) => {
+                *file = new;
+                self.prev = prev;
+                tracing::info!(path = %path.display(), "Audit log reopened");
+                self.write_chain_start();
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "Cannot reopen the audit log; writing on to the file open before");
+            }
         }
     }
 
@@ -239,7 +277,7 @@ impl Writer {
         line.push(b'\n');
         match &mut self.sink {
             Sink::Stdout(out) => out.write_all(&line).and_then(|()| out.flush()),
-            Sink::File(f) => f.write_all(&line),
+            Sink::File { file, .. } => file.write_all(&line),
             #[cfg(test)]
             Sink::Other(w) => w.write_all(&line).and_then(|()| w.flush()),
         }?;
