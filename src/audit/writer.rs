@@ -192,12 +192,20 @@ impl Shared {
         })
     }
 
-    /// Counts one lost line; reports on stderr unless a report was made in the last ten seconds
-    /// (that one counted the lines lost since).
+    /// Counts one lost line, and reports it.
     fn lost(&self, why: &str) {
         self.metrics.audit_lost.inc();
+        self.report.unreported.fetch_add(1, Ordering::AcqRel);
+        self.report(why);
+    }
+
+    /// Reports on stderr the lines lost since the last report, unless that was less than ten
+    /// seconds ago (then a later loss, or the next line written, reports them).
+    fn report(&self, why: &str) {
         let r = &self.report;
-        r.unreported.fetch_add(1, Ordering::AcqRel);
+        if r.unreported.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let now = u64::try_from(r.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let next = r.next_ms.load(Ordering::Acquire);
         let every = u64::try_from(REPORT_EVERY.as_millis()).unwrap_or(u64::MAX);
@@ -234,8 +242,9 @@ impl Writer {
 
     /// Writes one line, or counts it lost.
     fn write(&mut self, line: Vec<u8>) {
-        if let Err(e) = self.append(line) {
-            self.shared.lost(&format!("the audit sink cannot be written: {e}"));
+        match self.append(line) {
+            Ok(()) => self.shared.report("lost before this report; the audit log is being written again"),
+            Err(e) => self.shared.lost(&format!("the audit sink cannot be written: {e}")),
         }
     }
 
