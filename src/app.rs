@@ -91,7 +91,11 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     tokio::spawn(signals(shutdown.clone()));
     tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
     tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
-    server::run(listeners, state, Some(reloader), shutdown).await;
+    server::run(listeners, state.clone(), Some(reloader), shutdown).await;
+    // Lines still queued are written before the process ends (a stalled sink loses them).
+    if !state.audit.flush(AUDIT_FLUSH_AT_EXIT) {
+        tracing::error!("Audit lines still queued at exit could not be written");
+    }
     tracing::info!("Stopped");
     ExitCode::SUCCESS
 }
@@ -118,3 +122,6 @@ fn init_tracing() {
 
 /// How often the config and service-tag files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the audit queue may take to drain at exit.
+const AUDIT_FLUSH_AT_EXIT: Duration = Duration::from_secs(5);

@@ -1,33 +1,41 @@
 //! The audit log: one JSON object a line for every decision, and one more when an allowed
 //! connection closes. Field names are documented in the README and never change once shipped.
 //!
-//! Lines are written synchronously, under a lock, before the client is answered: an operator who
-//! reads a refusal in the client's terminal finds it in the log already. A line that cannot be
-//! written is counted as lost, never retried into a growing buffer.
+//! Recording a line never waits for the sink. The line is made on the caller's thread and put on
+//! a bounded queue, in order; one writer thread (`writer`) writes the queue out. A line is
+//! queued before the client is answered, so the log keeps the order in which clients were
+//! answered, and `flush` waits until what was queued is written. A line that cannot be queued
+//! (the queue is full: the sink stopped taking lines) or written is counted as lost and reported
+//! on stderr, never retried into a growing buffer. While the queue is full, `refuses_new` tells
+//! the connection path to refuse new connections (`[audit] on_stall = "refuse"`, the default)
+//! or to serve them and count what is lost (`"count"`).
+//!
+//! Every line carries `prev`, the hash of the line before it (`chain`); `chain::ChainCheck`
+//! verifies a log (`egress-proxy audit verify`).
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+pub mod chain;
+mod writer;
+
+use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::config::OnStall;
 use crate::denied::{Entry, TopDenied};
 use crate::metrics::Metrics;
 
-/// Where audit lines go. Recording an event writes its line *and* moves its metrics, so the log
-/// and the counters cannot disagree.
+pub use writer::QUEUE_LINES;
+
+/// Where audit lines go. Recording an event queues its line *and* moves its metrics, so the log
+/// and the counters cannot disagree (a line that is lost is counted as lost).
 pub struct Audit {
-    sink: Mutex<Sink>,
+    queue: writer::Queue,
+    on_stall: OnStall,
     metrics: Metrics,
     denied: Mutex<TopDenied>,
-}
-
-enum Sink {
-    Stdout,
-    File(File),
 }
 
 /// Which listener a connection came in on.
@@ -129,13 +137,15 @@ struct Line<'a, T> {
 }
 
 impl Audit {
-    /// `-` for standard output, else a file opened for appending (created if missing).
-    pub fn open(path: &str, metrics: Metrics) -> io::Result<Self> {
-        let sink = match path {
-            "-" => Sink::Stdout,
-            p => Sink::File(OpenOptions::new().create(true).append(true).open(Path::new(p))?),
-        };
-        Ok(Self { sink: Mutex::new(sink), metrics, denied: Mutex::new(TopDenied::new(TOP_DENIED)) })
+    /// `-` for standard output, else a file opened for appending (created if missing). Starts
+    /// the writer thread.
+    pub fn open(path: &str, on_stall: OnStall, metrics: Metrics) -> io::Result<Self> {
+        let queue = writer::Queue::open(path, metrics.clone())?;
+        Ok(Self::with_queue(queue, on_stall, metrics))
+    }
+
+    fn with_queue(queue: writer::Queue, on_stall: OnStall, metrics: Metrics) -> Self {
+        Self { queue, on_stall, metrics, denied: Mutex::new(TopDenied::new(TOP_DENIED)) }
     }
 
     pub fn decided(&self, d: &Decided<'_>) {
@@ -168,22 +178,190 @@ impl Audit {
         self.denied.lock().map(|t| t.top(n)).unwrap_or_default()
     }
 
+    /// True while the queue is full: the sink is not taking lines, and lines recorded now are
+    /// lost. Cheap: one atomic load.
+    pub fn is_stalled(&self) -> bool {
+        self.queue.is_stalled()
+    }
+
+    /// True while new connections must be refused (`audit_unavailable`): the log is stalled and
+    /// `[audit] on_stall = "refuse"`.
+    pub fn refuses_new(&self) -> bool {
+        self.on_stall == OnStall::Refuse && self.is_stalled()
+    }
+
+    /// Reopens the log file by its path (append, create), for logrotate: lines recorded before
+    /// go to the file open now, lines after to the file at the path, which goes on with a
+    /// `chain_start`. Returns at once; the writer thread does the work. Nothing on stdout.
+    pub fn reopen(&self) {
+        self.queue.reopen();
+    }
+
+    /// Waits, at most `within`, until every line recorded before the call is written or lost;
+    /// false if that did not happen in time. Blocks the calling thread: for shutdown and tests.
+    pub fn flush(&self, within: Duration) -> bool {
+        self.queue.flush(within)
+    }
+
     fn write<T: Serialize>(&self, event: &'static str, body: &T) {
-        let line = serde_json::to_vec(&Line { ts: SystemTime::now(), event, body });
-        let ok = match (line, self.sink.lock()) {
-            (Ok(mut line), Ok(mut sink)) => {
-                line.push(b'\n');
-                match &mut *sink {
-                    Sink::Stdout => io::stdout().lock().write_all(&line).is_ok(),
-                    Sink::File(f) => f.write_all(&line).is_ok(),
-                }
-            }
-            _ => false,
-        };
-        let counter = if ok { &self.metrics.audit_lines } else { &self.metrics.audit_lost };
-        counter.inc();
-        if !ok {
-            tracing::error!(event, "Audit line lost: the audit sink could not be written");
+        match serde_json::to_vec(&Line { ts: SystemTime::now(), event, body }) {
+            Ok(line) => self.queue.line(line),
+            Err(_) => self.queue.lost("an audit line could not be serialised"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Condvar};
+
+    use super::*;
+
+    /// A sink that holds every write while closed, and keeps what it was given.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Mutex<GateState>, Condvar)>);
+
+    #[derive(Default)]
+    struct GateState {
+        open: bool,
+        /// A write is waiting for the gate.
+        held: bool,
+        bytes: Vec<u8>,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            let (m, c) = &*self.0;
+            m.lock().unwrap().open = true;
+            c.notify_all();
+        }
+
+        /// Waits until the writer is stuck in a write.
+        fn until_held(&self) {
+            let (m, c) = &*self.0;
+            let _g = c.wait_while(m.lock().unwrap(), |g| !g.held).unwrap();
+        }
+
+        fn raw(&self) -> String {
+            String::from_utf8(self.0 .0.lock().unwrap().bytes.clone()).unwrap()
+        }
+
+        fn lines(&self) -> Vec<serde_json::Value> {
+            self.raw().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        }
+    }
+
+    impl io::Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (m, c) = &*self.0;
+            let mut g = m.lock().unwrap();
+            g.held = true;
+            c.notify_all();
+            let mut g = c.wait_while(g, |g| !g.open).unwrap();
+            g.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn gated(on_stall: OnStall) -> (Arc<Audit>, Gate, Metrics) {
+        let (gate, metrics) = (Gate::default(), Metrics::new());
+        let queue = writer::Queue::to(Box::new(gate.clone()), metrics.clone()).unwrap();
+        (Arc::new(Audit::with_queue(queue, on_stall, metrics.clone())), gate, metrics)
+    }
+
+    fn refusal(id: u64) -> Decided<'static> {
+        Decided {
+            id,
+            client: "127.0.0.1:5000".parse().unwrap(),
+            listener: Listener::Http,
+            method: Some("CONNECT"),
+            host: Some("evil.example.com"),
+            port: Some(443),
+            dst_addr: None,
+            decision: Verdict::Deny,
+            rule: None,
+            reason: Some("no_rule"),
+            original_dst: None,
+            note: None,
+        }
+    }
+
+    /// Records decisions `ids` on another thread; fails rather than hangs if recording blocks.
+    fn record_within(audit: &Arc<Audit>, ids: std::ops::Range<u64>, limit: Duration) {
+        let (done, wait) = std::sync::mpsc::channel();
+        let audit = Arc::clone(audit);
+        std::thread::spawn(move || {
+            for id in ids {
+                audit.decided(&refusal(id));
+            }
+            let _ = done.send(());
+        });
+        wait.recv_timeout(limit).expect("recording an audit line blocked on a stalled sink");
+    }
+
+    #[test]
+    fn a_stalled_sink_never_blocks_the_caller_refuses_while_full_and_counts_what_is_lost() {
+        let (audit, gate, metrics) = gated(OnStall::Refuse);
+        gate.until_held(); // on its chain_start line
+        assert!(!audit.is_stalled() && !audit.refuses_new(), "one line held is not a stall");
+
+        let queued = QUEUE_LINES as u64;
+        record_within(&audit, 0..queued + 10, Duration::from_secs(10));
+        assert!(audit.is_stalled() && audit.refuses_new());
+        assert_eq!((metrics.audit_lost.get(), metrics.audit_lines.get()), (10, 0), "the queue holds {queued}");
+        let deny = ["http", "deny", "", "no_rule"];
+        assert_eq!(metrics.decisions.with_label_values(&deny).get(), queued + 10, "metrics move for lost lines too");
+
+        gate.open();
+        assert!(audit.flush(Duration::from_secs(10)));
+        assert!(!audit.is_stalled() && !audit.refuses_new(), "the stall ends when the queue drains");
+        let lines = gate.lines();
+        assert_eq!(lines[0]["event"], "chain_start");
+        let ids: Vec<u64> = lines[1..].iter().map(|l| l["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, (0..queued).collect::<Vec<_>>(), "written in order, the lost ones missing");
+        assert_eq!((metrics.audit_lost.get(), metrics.audit_lines.get()), (10, queued + 1));
+    }
+
+    #[test]
+    fn with_on_stall_count_a_full_queue_does_not_refuse() {
+        let (audit, gate, metrics) = gated(OnStall::Count);
+        gate.until_held();
+        record_within(&audit, 0..QUEUE_LINES as u64 + 2, Duration::from_secs(10));
+        assert!(audit.is_stalled() && !audit.refuses_new());
+        assert_eq!(metrics.audit_lost.get(), 2);
+        gate.open();
+        assert!(audit.flush(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn flush_gives_up_on_a_sink_that_stays_stalled() {
+        let (audit, gate, _) = gated(OnStall::Refuse);
+        record_within(&audit, 0..1, Duration::from_secs(5));
+        gate.until_held();
+        assert!(!audit.flush(Duration::from_millis(50)));
+        gate.open();
+        assert!(audit.flush(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn every_line_links_to_the_one_before_from_a_chain_start_of_zeros() {
+        let (audit, gate, _) = gated(OnStall::Refuse);
+        gate.open();
+        record_within(&audit, 0..3, Duration::from_secs(5));
+        assert!(audit.flush(Duration::from_secs(10)));
+        let raw = gate.raw();
+        let lines: Vec<&str> = raw.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].ends_with(&format!(r#""event":"chain_start","prev":"{}"}}"#, "0".repeat(64))), "{raw}");
+        for pair in lines.windows(2) {
+            let prev = chain::hex(&chain::digest(pair[0].as_bytes()));
+            assert!(pair[1].ends_with(&format!(r#","prev":"{prev}"}}"#)), "{raw}");
+        }
+        let mut check = chain::ChainCheck::new();
+        assert!(lines.iter().all(|l| check.check(l.as_bytes()).is_ok()));
     }
 }

@@ -1,16 +1,18 @@
-//! The command line: `run` (the default), `check`, `validate` and `service-tags`. All printing
-//! lives here.
+//! The command line: `run` (the default), `check`, `validate`, `service-tags`, `nft` and
+//! `audit verify`. All printing lives here.
 //!
-//! Exit codes: 0 success (every destination allowed, for `check`); 1 a destination denied, or a
-//! runtime failure; 2 a configuration error.
+//! Exit codes: 0 success (every destination allowed, for `check`; the chain intact, for `audit
+//! verify`); 1 a destination denied, a broken audit chain, or a runtime failure; 2 a
+//! configuration error or an unreadable file.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::audit::chain::ChainCheck;
 use crate::load::{load, Loaded};
 use crate::policy::service_tags::TagTable;
 use crate::policy::{Decision, Destination, Host, Policy, Query};
@@ -37,6 +39,22 @@ enum Command {
     ServiceTags(ServiceTagsArgs),
     /// Render the policy's nftables ruleset (TCP redirects, UDP rules, DNS, drops) to stdout.
     Nft(NftArgs),
+    /// Work with audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit log files and report the first broken link.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The files of one log, oldest first (`audit.jsonl.2 audit.jsonl.1 audit.jsonl`).
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +115,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(code) => code,
         },
+        Some(Command::Audit(AuditCommand::Verify(args))) => audit_verify(args),
     }
 }
 
@@ -235,6 +254,45 @@ fn validate(args: ConfigArgs) -> ExitCode {
     for w in &compiled.warnings {
         let _ = writeln!(out, "warning: rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message);
     }
+    ExitCode::SUCCESS
+}
+
+/// `audit verify`: every line of every file, in order, must link to the one before it; the first
+/// that does not is printed as `FILE:LINE: broken link: why`.
+fn audit_verify(args: VerifyArgs) -> ExitCode {
+    let mut check = ChainCheck::new();
+    let mut out = std::io::stdout().lock();
+    for path in &args.files {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("{}: cannot read: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("{}:{}: cannot read: {e}", path.display(), n + 1);
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(broken) = check.check(&line) {
+                let _ = writeln!(out, "{}:{}: broken link: {broken}", path.display(), n + 1);
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if check.lines() == 0 {
+        let _ = writeln!(out, "no audit lines: a log begins with a chain_start line");
+        return ExitCode::from(1);
+    }
+    let files = match args.files.len() {
+        1 => "1 file".to_string(),
+        n => format!("{n} files"),
+    };
+    let _ = writeln!(out, "intact: {} lines in {files}", check.lines());
     ExitCode::SUCCESS
 }
 

@@ -253,6 +253,20 @@ pub struct ResolveConfig {
 pub struct AuditConfig {
     /// A file to append to, or `-` for standard output (the default).
     pub path: Option<String>,
+    /// What to do while the audit sink is not taking lines and the queue is full.
+    #[serde(default)]
+    pub on_stall: OnStall,
+}
+
+/// `[audit] on_stall`: what the proxy does while audit lines cannot be written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStall {
+    /// Fail closed: refuse new connections (`audit_unavailable`, 503) until the log catches up.
+    #[default]
+    Refuse,
+    /// Keep serving, and count the lines lost.
+    Count,
 }
 
 /// Limits and timeouts; every one has a default an operator would pick. Each keeps its place in
@@ -641,6 +655,16 @@ mod tests {
             let back: Result<Protocol, de::value::Error> = Protocol::deserialize(p.as_str().into_deserializer());
             assert_eq!(back, Ok(p));
         }
+    }
+
+    #[test]
+    fn audit_on_stall_is_refuse_unless_the_file_says_count() {
+        let on_stall = |text: &str| Config::from_str(text, Origin::Embedded).unwrap().audit.on_stall;
+        assert_eq!(on_stall(""), OnStall::Refuse);
+        assert_eq!(on_stall("[audit]\non_stall = \"count\"\n"), OnStall::Count);
+        assert_eq!(on_stall("[audit]\non_stall = \"refuse\"\n"), OnStall::Refuse);
+        let e = err("[audit]\npath = \"-\"\non_stall = \"drop\"\n");
+        assert_eq!((e.line, e.field.as_str()), (3, "audit.on_stall"));
     }
 
     #[test]

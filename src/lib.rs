@@ -31,7 +31,9 @@
 //! - `server`: takes bound listeners, accepts within the limits, drains on
 //!   shutdown; the admin endpoints are served in the same tracker.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/policy`, `/denied`, `POST /reload`.
-//! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it.
+//! - `audit`: one JSON line per decision and per closed connection; moves the metrics with it;
+//!   a bounded queue to one writer thread, so a stalled sink never holds up a connection; each
+//!   line carries the hash of the one before (`audit::chain`).
 //! - `metrics`: the Prometheus catalogue over an owned registry.
 //! - `denied`: bounded top-K of refused destinations for `/denied`.
 //! - `time`: the one way times are written (RFC 3339, milliseconds) in audit lines and JSON.
@@ -39,7 +41,8 @@
 //! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
 //! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
 //! - `app`: the `run` command's wiring: bind, signals, reload triggers, refresh, `server::run`.
-//! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`); all printing.
+//! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`, `audit verify`);
+//!   all printing.
 //!
 //! Imports run one way: `cli` → `app` → `server` → `admin`/`proxy` → `state` → `policy`.
 

@@ -4,7 +4,8 @@
 //! new connections see the new policy from the moment of the swap.
 //!
 //! Reload replaces the rules, `[safety]`, service tags and `[resolve] static`. Listeners, limits
-//! and the audit path are read at start only (changing them needs a restart, and is logged).
+//! and `[audit]` are read at start only (changing them needs a restart; limits are logged).
+//! SIGHUP also reopens the audit file at its path, for logrotate.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,7 +128,7 @@ impl Reloader {
     }
 }
 
-/// Reloads on SIGHUP until `shutdown`.
+/// Reopens the audit log (for logrotate) and reloads on SIGHUP until `shutdown`.
 pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -138,7 +139,8 @@ pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading");
+                tracing::info!("SIGHUP: reopening the audit log and reloading");
+                reloader.state.audit.reopen();
                 let _ = reloader.request().await;
             }
         }

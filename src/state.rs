@@ -75,7 +75,7 @@ impl State {
             "-" => "-".to_string(),
             p => config.relative_path(p).display().to_string(),
         };
-        let audit = Audit::open(&audit_path, metrics.clone())?;
+        let audit = Audit::open(&audit_path, config.audit.on_stall, metrics.clone())?;
         Ok(Self {
             policy: ArcSwap::from_pointee(Policy::empty()),
             info: ArcSwap::from_pointee(PolicyInfo::default()),

@@ -168,8 +168,16 @@ fn run_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"reason\":\"no_rule\""), "the audit path is relative to the config file: {audit}");
+    // The line was queued before the answer; the audit thread writes it a moment later.
+    let started = Instant::now();
+    loop {
+        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap_or_default();
+        if audit.contains("\"reason\":\"no_rule\"") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the audit path is relative to the config file: {audit}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // SIGHUP reloads even files that have not changed, which the file watcher (every 2 s) never
     // does: with the files as they are, one SIGHUP is exactly one reload, and only SIGHUP can
@@ -250,4 +258,171 @@ fn service_tags_lists_tags_and_prefixes() {
     let (code, _, err) = run(&["service-tags", "--file", file, "NoSuchTag"]);
     assert_eq!(code, 1);
     assert!(err.contains("no service tag \"NoSuchTag\""));
+}
+
+/// A `run` process on 127.0.0.1:0 with `config` (TOML), its stderr read into `stderr` as it
+/// comes, so that only the pipes a test leaves alone can stall.
+struct Running {
+    child: KillOnDrop,
+    addr: String,
+    admin: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(config: &str, stdout: Stdio) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("p.toml");
+        let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[service_tags]\nfile = {tags:?}\n{config}"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .stdout(stdout)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut addr, mut admin) = (None, None);
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        while addr.is_none() || admin.is_none() {
+            let line = lines.next().expect("the proxy logs its bound addresses").unwrap();
+            let bound = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()).map(String::from);
+            if line.contains("listener=\"http\"") {
+                addr = bound;
+            } else if line.contains("listener=\"admin\"") {
+                admin = bound;
+            }
+        }
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Self { child: KillOnDrop(child), addr: addr.unwrap(), admin: admin.unwrap(), stderr, dir }
+    }
+
+    /// The status line and deny reason of one request, which must be answered within 10 s.
+    fn ask(&self, req: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap_or_else(|e| panic!("the proxy did not answer {req:?}: {e}"));
+        let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{resp:?}"));
+        let reason = resp.lines().find_map(|l| l.strip_prefix("x-egress-deny-reason: ")).unwrap_or_default();
+        (status, reason.to_string())
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let metrics = http_get(&self.admin, "/metrics");
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    }
+}
+
+/// Makes the stdout pipe of a child as small as the kernel allows (one page), so that it fills
+/// after a few lines.
+fn shrink(stdout: &std::process::ChildStdout) {
+    rustix::pipe::fcntl_setpipe_size(stdout, 4096).unwrap();
+}
+
+/// Enough refusals to fill a one-page pipe and the audit queue, with room to spare.
+const TO_FILL: usize = egress_proxy::audit::QUEUE_LINES + 1_000;
+
+#[test]
+fn a_stalled_audit_stdout_refuses_new_connections_with_503_and_the_proxy_keeps_answering() {
+    let mut proxy = Running::start("[audit]\npath = \"-\"\n", Stdio::piped());
+    let mut stdout = proxy.child.0.stdout.take().unwrap();
+    shrink(&stdout);
+    let denied = "CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n";
+    let mut answered = 0;
+    let refused = loop {
+        assert!(answered < TO_FILL, "no audit_unavailable after {answered} refusals with nobody reading the log");
+        match proxy.ask(denied) {
+            (403, reason) if reason == "no_rule" => answered += 1,
+            other => break other,
+        }
+    };
+    assert_eq!(refused, (503, "audit_unavailable".to_string()), "after {answered} lines");
+    assert!(answered >= egress_proxy::audit::QUEUE_LINES, "the queue holds {answered} lines before it refuses");
+    assert_eq!(proxy.ask(denied), (503, "audit_unavailable".into()), "still stalled: still refused");
+    assert!(http_get(&proxy.admin, "/healthz").starts_with("HTTP/1.1 200"), "the admin server answers");
+    let lost = proxy.metric("egress_proxy_audit_lines_lost_total");
+    assert!(lost >= 2.0, "the refusals' own lines are lost: {lost}");
+    let started = Instant::now();
+    while !proxy.stderr.lock().unwrap().contains("Audit lines lost") {
+        assert!(started.elapsed() < Duration::from_secs(10), "no report on stderr");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Someone reads the log again: the queue drains, and connections are decided again.
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        all
+    });
+    let started = Instant::now();
+    while proxy.ask(denied) != (403, "no_rule".into()) {
+        assert!(started.elapsed() < Duration::from_secs(20), "the proxy still refuses after the log drained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill").args(["-TERM", &proxy.child.0.id().to_string()]).status();
+    let log = String::from_utf8(reader.join().unwrap()).unwrap();
+    let reasons: Vec<&str> = log.lines().filter_map(|l| l.split("\"reason\":\"").nth(1)?.split('"').next()).collect();
+    assert_eq!(reasons.iter().filter(|r| **r == "no_rule").count(), answered + 1, "every answered refusal was logged");
+}
+
+#[test]
+fn with_on_stall_count_a_stalled_audit_stdout_keeps_serving_and_counts_the_lines_lost() {
+    let mut proxy = Running::start("[audit]\npath = \"-\"\non_stall = \"count\"\n", Stdio::piped());
+    let stdout = proxy.child.0.stdout.take().unwrap();
+    shrink(&stdout);
+    for _ in 0..TO_FILL {
+        assert_eq!(proxy.ask("CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n"), (403, "no_rule".into()));
+    }
+    assert!(http_get(&proxy.admin, "/healthz").starts_with("HTTP/1.1 200"));
+    let lost = proxy.metric("egress_proxy_audit_lines_lost_total");
+    assert!(lost >= 900.0, "{lost} lines counted as lost");
+    drop(stdout);
+}
+
+#[test]
+fn sighup_reopens_the_audit_file_so_logrotate_can_rename_it() {
+    let proxy = Running::start("[audit]\npath = \"audit.jsonl\"\n", Stdio::null());
+    let (log, rotated) = (proxy.dir.path().join("audit.jsonl"), proxy.dir.path().join("audit.jsonl.1"));
+    let denied = "CONNECT evil.example.com:443 HTTP/1.1\r\n\r\n";
+    let wait_for = |path: &std::path::Path, lines: usize| {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= lines {
+                return text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{} has fewer than {lines} lines: {text}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(proxy.ask(denied), (403, "no_rule".into()));
+    wait_for(&log, 2);
+    std::fs::rename(&log, &rotated).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &proxy.child.0.id().to_string()]).status().unwrap().success());
+    let new = wait_for(&log, 1);
+    assert!(new.starts_with("{\"ts\":") && new.contains("\"event\":\"chain_start\""), "{new}");
+    assert_eq!(proxy.ask(denied), (403, "no_rule".into()));
+    let new = wait_for(&log, 2);
+    assert!(new.lines().nth(1).unwrap().contains("\"reason\":\"no_rule\""), "{new}");
+    assert_eq!(std::fs::read_to_string(&rotated).unwrap().lines().count(), 2, "the old file got nothing more");
+    let out = Command::new(BIN).args(["audit", "verify"]).arg(&rotated).arg(&log).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "intact: 4 lines in 2 files\n");
 }

@@ -707,3 +707,24 @@ async fn max_request_head_bytes_is_exact() {
         assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{len} bytes: {resp}");
     }
 }
+
+#[tokio::test]
+async fn userinfo_in_a_refused_target_is_redacted_in_the_audit_log() {
+    let proxy = TestProxy::start(&rules_for("127.0.0.1:443".parse().unwrap(), "")).await;
+    let cases: &[(&[u8], &str)] = &[
+        (b"CONNECT alice:S3cret@ml.azure.com:443 HTTP/1.1\r\n\r\n", "[redacted]@ml.azure.com:443"),
+        (b"GET http://alice:S3cret@ml.azure.com/ HTTP/1.1\r\n\r\n", "[redacted]@ml.azure.com"),
+        (b"GET http://a@b:S3cret@ml.azure.com:8080/x HTTP/1.1\r\n\r\n", "[redacted]@ml.azure.com:8080"),
+    ];
+    for (req, _) in cases {
+        let (resp, _) = raw_exchange(proxy.addr, req, Duration::from_secs(5)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{}\n→ {resp}", String::from_utf8_lossy(req));
+    }
+    let lines = proxy.audit_at_least(cases.len()).await;
+    let hosts: Vec<&str> = decisions(&lines).iter().map(|d| d["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts, cases.iter().map(|(_, host)| *host).collect::<Vec<_>>());
+    assert!(decisions(&lines).iter().all(|d| d["reason"] == "bad_request"), "{lines:#?}");
+    let raw = std::fs::read_to_string(&proxy.audit_path).unwrap();
+    assert!(!raw.contains("S3cret") && !raw.contains("alice"), "{raw}");
+}

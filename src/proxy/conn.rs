@@ -113,11 +113,13 @@ impl Conn {
 
     /// Decides a destination the client named (explicit listener).
     pub async fn authorize(&self, dest: &Destination) -> Result<Permit, Refusal> {
+        self.audit_available()?;
         authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await
     }
 
     /// Decides a redirected connection on the name it carries and its original destination.
     pub async fn authorize_redirected(&self, name: Option<&HostName>) -> Result<Permit, Refusal> {
+        self.audit_available()?;
         let original_dst = self.original_dst.ok_or(Refusal::NoOriginalDst)?;
         let r = Redirected { name, original_dst, client: self.client.ip() };
         authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await
@@ -131,6 +133,15 @@ impl Conn {
             Decision::Allow { .. } => Ok(()),
             Decision::Deny { reason, rule } => Err(Refusal::Policy { reason, rule }),
         }
+    }
+
+    /// Nothing is let out that the log cannot record: while the audit log is stalled and
+    /// `[audit] on_stall = "refuse"`, every connection is refused.
+    fn audit_available(&self) -> Result<(), Refusal> {
+        if self.state.audit.refuses_new() {
+            return Err(Refusal::AuditUnavailable);
+        }
+        Ok(())
     }
 
     /// Dials a permit within the connect timeout, and times the connect.

@@ -76,9 +76,17 @@ struct Target {
 impl Target {
     fn of(req: &Request<Incoming>) -> Self {
         let uri = req.uri();
-        let raw: String =
-            uri.authority().map_or_else(|| uri.to_string(), |a| a.to_string()).chars().take(MAX_AUDIT_HOST).collect();
-        Self { raw, dest: destination(req) }
+        let raw = uri.authority().map_or_else(|| uri.to_string(), |a| redact_userinfo(a.as_str()));
+        Self { raw: raw.chars().take(MAX_AUDIT_HOST).collect(), dest: destination(req) }
+    }
+}
+
+/// An authority as the audit log may show it: userinfo (`alice:S3cret@`), which may be a
+/// password, becomes `[redacted]@`. Everything up to the last `@` is userinfo.
+fn redact_userinfo(authority: &str) -> String {
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("[redacted]@{host}"),
+        None => authority.to_string(),
     }
 }
 
@@ -150,3 +158,15 @@ fn has_body(headers: &HeaderMap) -> bool {
 }
 
 const MAX_AUDIT_HOST: usize = 300;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_redacted_up_to_the_last_at() {
+        assert_eq!(redact_userinfo("alice:S3cret@ml.azure.com:443"), "[redacted]@ml.azure.com:443");
+        assert_eq!(redact_userinfo("a@b:c@ml.azure.com"), "[redacted]@ml.azure.com");
+        assert_eq!(redact_userinfo("ml.azure.com:443"), "ml.azure.com:443");
+    }
+}

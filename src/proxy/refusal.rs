@@ -37,6 +37,8 @@ pub enum Refusal {
     NoOriginalDst,
     /// The client left (or the task serving it ended) before the connection was decided.
     ClientGone,
+    /// The audit log is not taking lines, and `[audit] on_stall = "refuse"`: fail closed.
+    AuditUnavailable,
 }
 
 impl Refusal {
@@ -45,7 +47,7 @@ impl Refusal {
             Self::Policy { .. } | Self::CatchAll | Self::NoOriginalDst => StatusCode::FORBIDDEN,
             Self::BadRequest(_) | Self::ClientGone => StatusCode::BAD_REQUEST,
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectionLimit | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -65,6 +67,7 @@ impl Refusal {
             Self::CatchAll => "catch_all",
             Self::NoOriginalDst => "no_original_destination",
             Self::ClientGone => "client_gone",
+            Self::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -75,6 +78,7 @@ impl Refusal {
             | Self::BadRequest(_)
             | Self::HeadTimeout
             | Self::ConnectionLimit
+            | Self::AuditUnavailable
             | Self::CatchAll
             | Self::NoOriginalDst => Verdict::Deny,
             // The client left mid-way: what was under way may have reached the upstream, so the
@@ -147,6 +151,7 @@ mod tests {
             (Refusal::Policy { reason: DenyReason::NoRule, rule: None }, 403, "no_rule"),
             (Refusal::BadRequest("x"), 400, "bad_request"),
             (Refusal::ConnectionLimit, 503, "connection_limit"),
+            (Refusal::AuditUnavailable, 503, "audit_unavailable"),
             (Refusal::ResolveFailed, 502, "resolve_failed"),
             (Refusal::UpstreamUnreachable, 502, "upstream_unreachable"),
             (Refusal::UpstreamTimeout, 504, "upstream_timeout"),

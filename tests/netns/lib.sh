@@ -4,7 +4,8 @@
 #   check NAME CMD...  count and print one check
 #   origin ARGS...     start tests/netns/origin.py in the origin namespace, stopped at exit
 #   ready ADDR         wait until the HTTPS origin at ADDR answers a real request
-#   audit_has TEXT     the audit log contains TEXT
+#   audit_has TEXT     the audit log contains TEXT (within 2 s: the audit thread writes a line
+#                      a moment after it is queued)
 # and creates the namespaces (loopback up), a self-signed certificate for ml.azure.com and
 # evil.example.com ($work/cert.pem, key.pem), and $work/big of BIG_BYTES random bytes.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,7 +35,10 @@ ready() {
   done
   echo "origin $1 did not start"; return 1
 }
-audit_has() { grep -q "$1" "$work/audit.jsonl"; }
+audit_has() {
+  for _ in $(seq 40); do grep -q "$1" "$work/audit.jsonl" && return 0; sleep 0.05; done
+  return 1
+}
 
 for n in $NAMESPACES; do
   ip netns del "$PREFIX-$n" 2>/dev/null || true

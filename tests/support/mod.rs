@@ -67,7 +67,10 @@ impl TestProxy {
         TestProxyBuilder { rules, watch: true, admin_token: true }
     }
 
+    /// The audit lines so far. Lines are queued before the client is answered and written by the
+    /// audit thread; this waits for what was queued before reading.
     pub fn audit(&self) -> Vec<Value> {
+        assert!(self.state.audit.flush(Duration::from_secs(10)), "the audit queue did not drain");
         read_audit(&self.audit_path)
     }
 
@@ -147,11 +150,14 @@ impl TestProxyBuilder<'_> {
 /// How often the harness's file watcher polls the config and tag files.
 pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 
+/// The decision and close lines of an audit log; the chain's own `chain_start` lines are left
+/// out (tests/audit.rs checks those).
 pub fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+        .filter(|l: &Value| l["event"] != "chain_start")
         .collect()
 }
 
