@@ -1,5 +1,5 @@
 //! The transparent gateway across real network namespaces (tests/netns/gateway.sh): nftables
-//! redirects, SO_ORIGINAL_DST, SNI decisions, mismatches, the catch-all and UDP. Needs root, so
+//! redirects, SO_ORIGINAL_DST (IPv4 and IPv6), SNI decisions, mismatches, the catch-all and UDP. Needs root, so
 //! it is ignored by a plain `cargo test`; CI runs it as root with `cargo test -- --include-ignored`.
 //! Included without root, it fails with a message saying so: it never passes silently.
 
@@ -26,6 +26,6 @@ fn run_netns(script: &str, summary: &str) {
 #[test]
 #[ignore = "needs root, ip netns and nft: run as root with `cargo test -- --include-ignored` (CI does)"]
 fn gateway_and_sidecar_shapes_across_network_namespaces() {
-    run_netns("gateway.sh", "netns gateway: 10 passed, 0 failed");
+    run_netns("gateway.sh", "netns gateway: 14 passed, 0 failed");
     run_netns("sidecar.sh", "netns sidecar: 8 passed, 0 failed");
 }

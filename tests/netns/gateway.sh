@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gateway shape across three network namespaces of its own (client, gateway, origin), with the
 # nftables ruleset `egress-proxy nft --shape gateway` renders. Needs root. Usage: gateway.sh BIN
-# Every address is in 10.77.0.0/16 inside namespaces this script creates and deletes.
+# Every address is in 10.77.0.0/16 or fd77::/16 inside namespaces this script creates and deletes.
 set -euo pipefail
 BIN="$1"
 PREFIX=ep
@@ -17,26 +17,34 @@ ns gw ip addr add 10.77.2.1/24 dev g1; ns gw ip link set g1 up
 ns gw sysctl -q -w net.ipv4.ip_forward=1
 ns origin ip addr add 10.77.2.2/24 dev o0; ns origin ip addr add 10.77.2.3/24 dev o0; ns origin ip link set o0 up
 ns origin ip route add default via 10.77.2.1
+# IPv6 beside IPv4 on the same links: the ruleset's inet table redirects both families.
+ns client ip -6 addr add fd77:1::2/64 dev c0 nodad; ns client ip -6 route add default via fd77:1::1
+ns gw ip -6 addr add fd77:1::1/64 dev g0 nodad; ns gw ip -6 addr add fd77:2::1/64 dev g1 nodad
+ns gw sysctl -q -w net.ipv6.conf.all.forwarding=1
+ns origin ip -6 addr add fd77:2::2/64 dev o0 nodad; ns origin ip -6 addr add fd77:2::3/64 dev o0 nodad
+ns origin ip -6 route add default via fd77:2::1
 
 origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
 origin https 10.77.2.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.77.2.3 22 "$work/reached"
+origin https fd77:2::2 443 "$work/cert.pem" "$work/key.pem" A6 "$work/big"
+origin tcp fd77:2::3 22 "$work/reached"
 origin udp 10.77.2.2 443 "$work/reached"
 
 config() { # config MISMATCH
   cat > "$work/policy.toml" <<TOML
 [listen]
-tls = "0.0.0.0:3129"
-plain = "0.0.0.0:3130"
-catch_all = "0.0.0.0:3131"
+tls = "[::]:3129"
+plain = "[::]:3130"
+catch_all = "[::]:3131"
 [audit]
 path = "$work/audit.jsonl"
 [safety]
-allow_internal = ["10.77.0.0/16"]
+allow_internal = ["10.77.0.0/16", "fd77::/16"]
 [transparent]
 original_dst_mismatch = "$1"
 [resolve.static]
-"ml.azure.com" = ["10.77.2.2"]
+"ml.azure.com" = ["10.77.2.2", "fd77:2::2"]
 "evil.example.com" = ["10.77.2.3"]
 [[rule]]
 name = "azureml"
@@ -65,6 +73,7 @@ ns gw nft -f "$work/gateway.nft"
 start_proxy
 ready 10.77.2.2
 ready 10.77.2.3
+ready "[fd77:2::2]"
 big_sum="$(curl_to ml.azure.com 10.77.2.2 /big | sha256sum | cut -d' ' -f1)" || big_sum=failed
 check "10 MB through the tls listener arrives intact" [ "$big_sum" = "$(sha256sum < "$work/big" | cut -d' ' -f1)" ]
 check "refused name is refused" bash -c "! ip netns exec ep-client curl -sS --max-time 5 --cacert '$work/cert.pem' --resolve evil.example.com:443:10.77.2.3 https://evil.example.com/ >/dev/null 2>&1"
@@ -73,6 +82,10 @@ check "allowed SNI sent to the refused server's address reaches the name's own s
 check "the mismatch is audited" audit_has '"original_dst":"10.77.2.3:443","note":"original_dst_mismatch"'
 check "TCP to port 22 is reset" bash -c "! ip netns exec ep-client timeout 3 bash -c 'exec 3<>/dev/tcp/10.77.2.3/22; cat <&3' >/dev/null 2>&1"
 check "port 22 is audited with its original destination" audit_has '"reason":"catch_all","original_dst":"10.77.2.3:22"'
+check "IPv6: TLS through the tls listener reaches the name's server" [ "$(curl_to ml.azure.com '[fd77:2::2]' /)" = A ]
+check "IPv6: its original destination is read and audited" audit_has '"original_dst":"\[fd77:2::2\]:443"'
+check "IPv6: TCP to port 22 is reset" bash -c "! ip netns exec ep-client timeout 3 bash -c 'exec 3<>/dev/tcp/fd77:2::3/22; cat <&3' >/dev/null 2>&1"
+check "IPv6: port 22 is audited with its original destination" audit_has '"reason":"catch_all","original_dst":"\[fd77:2::3\]:22"'
 ns client bash -c 'echo quic > /dev/udp/10.77.2.2/443' || true
 sleep 0.5
 check "neither port 22 nor UDP 443 reached the origin" [ ! -s "$work/reached" ]

@@ -18,7 +18,10 @@ def https(addr, port, cert, key, tag, big):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer((addr, int(port)), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    server = Server((addr, int(port)), Handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
@@ -27,7 +30,7 @@ def https(addr, port, cert, key, tag, big):
 
 def record(proto, addr, port, out):
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
-    s = socket.socket(socket.AF_INET, kind)
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, int(port)))
     if proto == "tcp":
