@@ -275,6 +275,13 @@ async fn name_spellings_through_the_live_proxy_reach_only_the_allowed_origin() {
         ("0177.0.0.2", 403, "invalid_host", ("deny", "invalid_host", raw("0177.0.0.2"))),
         // ::1 is loopback too, but not in `allow_internal = ["127.0.0.0/8"]`.
         ("[::1]", 403, "internal_address", ("deny", "internal_address", "[::1]".into())),
+        // Zone ids are refused, whatever address they hang on.
+        ("[fe80::1%25lo]", 403, "invalid_host", ("deny", "invalid_host", raw("[fe80::1%25lo]"))),
+        ("[::ffff:127.0.0.2%25lo]", 403, "invalid_host", ("deny", "invalid_host", raw("[::ffff:127.0.0.2%25lo]"))),
+        // Percent-escapes never reach the policy: hyper refuses the request line (its own 400,
+        // without a reason header; the line says bad_request and names no host).
+        ("a%2ewestus2.batch.azure.com", 400, "-", ("deny", "bad_request", "-".into())),
+        ("a.westus2.batch.azure.com%00", 400, "-", ("deny", "bad_request", "-".into())),
     ];
     let mut labels = Vec::new();
     for (i, (host, status, reason, line)) in cases.iter().enumerate() {
@@ -290,6 +297,8 @@ async fn name_spellings_through_the_live_proxy_reach_only_the_allowed_origin() {
                 assert!(text.ends_with("\r\n\r\n"), "the origin answers nothing: {text}");
                 labels.push(label);
             }
+            // hyper's own 400: its reason header is not compared (see `Header::HyperWritten`).
+            400 => {}
             _ => assert!(text.contains(&format!("x-egress-deny-reason: {reason}\r\n")), "{host}: {text}"),
         }
         let lines = proxy.audit_at_least(before + 1).await;
