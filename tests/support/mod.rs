@@ -3,6 +3,8 @@
 //! on loopback; names reach the origins through `[resolve] static`.
 #![allow(dead_code, clippy::disallowed_methods)]
 
+pub mod origins;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
