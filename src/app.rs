@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::load::Loaded;
@@ -34,6 +35,14 @@ pub fn run(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> Exi
 }
 
 async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> ExitCode {
+    // Installed first, before anything is bound or served: until a handler is in place, SIGHUP
+    // would end the process and SIGTERM would skip the drain.
+    let (Ok(term), Ok(int), Ok(hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("Cannot install the signal handlers");
+        return ExitCode::from(1);
+    };
     let listen = &loaded.config.listen;
     if [listen.http, listen.tls, listen.plain, listen.catch_all].iter().all(Option::is_none) {
         tracing::error!("No listener is configured: set [listen] http (or tls, plain, catch_all)");
@@ -88,8 +97,8 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     if let Some(r) = refresher {
         tokio::spawn(r.run(shutdown.clone()));
     }
-    tokio::spawn(signals(shutdown.clone()));
-    tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
+    tokio::spawn(signals(term, int, shutdown.clone()));
+    tokio::spawn(reload::on_sighup(reloader.clone(), hup, shutdown.clone()));
     tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
     server::run(listeners, state.clone(), Some(reloader), shutdown).await;
     // Lines still queued are written before the process ends (a stalled sink loses them).
@@ -100,12 +109,7 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     ExitCode::SUCCESS
 }
 
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("Cannot install signal handlers");
-        return;
-    };
+async fn signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),

@@ -129,12 +129,9 @@ impl Reloader {
 }
 
 /// Reopens the audit log (for logrotate) and reloads on SIGHUP until `shutdown`.
-pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("Cannot install the SIGHUP handler");
-        return;
-    };
+/// `hup` is the SIGHUP stream, installed by the caller before it serves anything: a SIGHUP that
+/// came before the handler would end the process.
+pub async fn on_sighup(reloader: Arc<Reloader>, mut hup: tokio::signal::unix::Signal, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

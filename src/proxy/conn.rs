@@ -225,7 +225,13 @@ impl CloseRecord {
 
     /// Writes the close line now, with why the allowed exchange failed.
     pub fn failed(mut self, refusal: &Refusal) {
-        self.failed = Some(refusal.reason());
+        self.mark_failed(refusal);
+    }
+
+    /// Records why the allowed exchange failed, for the close line to come (a response body the
+    /// upstream cut, or let go idle).
+    pub fn mark_failed(&mut self, refusal: &Refusal) {
+        self.failed.get_or_insert(refusal.reason());
     }
 }
 

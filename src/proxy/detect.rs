@@ -218,6 +218,7 @@ fn head_error(e: HeadError) -> &'static str {
         HeadError::ObsFold => "obsolete line folding",
         HeadError::TooManyHeaders => "too many header fields",
         HeadError::DuplicateHost => "more than one Host header",
+        HeadError::AmbiguousFraming => "ambiguous message framing (Content-Length, Transfer-Encoding)",
         HeadError::MalformedHost => "malformed Host header",
         HeadError::UnsupportedTarget => "request target is not origin or http:// absolute form",
         HeadError::HostConflict => "Host header conflicts with the request target",

@@ -134,12 +134,12 @@ struct Counted<B> {
     flow: Flow,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    _close: Option<CloseRecord>,
+    close: Option<CloseRecord>,
 }
 
 impl<B> Counted<B> {
     fn new(inner: B, flow: Flow, idle: Duration, close: Option<CloseRecord>) -> Self {
-        Self { inner, flow, idle, deadline: Box::pin(tokio::time::sleep(idle)), _close: close }
+        Self { inner, flow, idle, deadline: Box::pin(tokio::time::sleep(idle)), close }
     }
 }
 
@@ -163,10 +163,21 @@ where
                 self.deadline.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                // Only a response body carries the close record: its errors are the upstream's.
+                if let Some(close) = self.close.as_mut() {
+                    close.mark_failed(&Refusal::UpstreamProtocol);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err("body idle for longer than idle_timeout".into()))),
+                Poll::Ready(()) => {
+                    if let Some(close) = self.close.as_mut() {
+                        close.mark_failed(&Refusal::UpstreamTimeout);
+                    }
+                    Poll::Ready(Some(Err("body idle for longer than idle_timeout".into())))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

@@ -32,6 +32,10 @@ pub enum HeadError {
     TooManyHeaders,
     #[error("more than one Host header")]
     DuplicateHost,
+    /// Two Content-Length fields, both framings at once, or a transfer coding other than
+    /// `chunked`: the framings that request smuggling lives on (RFC 9112 §6.1, §6.3).
+    #[error("ambiguous message framing")]
+    AmbiguousFraming,
     #[error("malformed Host header or request target")]
     MalformedHost,
     #[error("request target is not origin or absolute form")]
@@ -69,6 +73,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     if hosts.next().is_some() {
         return Err(HeadError::DuplicateHost);
     }
+    check_framing(req.headers)?;
     let from_header = host_header.transpose()?.map(|v| host_port(v.trim())).transpose()?;
     let dest = match target_dest(target)? {
         Some(from_target) => {
@@ -80,6 +85,18 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         None => from_header,
     };
     Ok(Some(Head { len, dest }))
+}
+
+/// One framing, stated once: at most one Content-Length, or one Transfer-Encoding that is exactly
+/// `chunked`, never both.
+fn check_framing(headers: &[httparse::Header<'_>]) -> Result<(), HeadError> {
+    let lengths = headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")).count();
+    let mut codings = headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    match (lengths, codings.next(), codings.next()) {
+        (0 | 1, None, None) => Ok(()),
+        (0, Some(te), None) if te.value.trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(HeadError::AmbiguousFraming),
+    }
 }
 
 /// The host of an absolute-form target; `None` for origin form (`/path`) and `*`.
@@ -196,6 +213,25 @@ mod tests {
         assert_eq!(parse(connect), Err(HeadError::UnsupportedTarget));
         let userinfo = b"GET http://good.cdn.test@bad.cdn.test/ HTTP/1.1\r\n\r\n";
         assert_eq!(parse(userinfo), Err(HeadError::MalformedHost));
+    }
+
+    #[test]
+    fn refuses_every_ambiguous_framing() {
+        let framed =
+            |headers: &str| parse(format!("POST / HTTP/1.1\r\nHost: good.cdn.test\r\n{headers}\r\n").as_bytes());
+        assert!(framed("Content-Length: 3\r\n").unwrap().is_some());
+        assert!(framed("Transfer-Encoding: chunked\r\n").unwrap().is_some());
+        assert!(framed("Transfer-Encoding: Chunked \r\n").unwrap().is_some());
+        for bad in [
+            "Content-Length: 3\r\nContent-Length: 3\r\n",
+            "Content-Length: 0\r\nContent-Length: 43\r\n",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked, identity\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert_eq!(framed(bad), Err(HeadError::AmbiguousFraming), "{bad:?}");
+        }
     }
 
     #[test]

@@ -32,17 +32,69 @@ pub async fn follow_retry(
 ) -> Result<(), Refusal> {
     let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
     send(upstream, prefix, &up, wait).await?;
-    let server = detect(upstream, Vec::new(), &mut ServerFirst, SERVER_FIRST_LIMIT, wait, None).await?;
-    send(client, &server.prefix, &down, wait).await?;
-    if !server.value {
-        return Ok(());
+    let server = server_first(client, upstream, wait).await?;
+    send(client, &server.bytes, &down, wait).await?;
+    if !server.retry {
+        // Not a retry: what the client sent meanwhile goes on, and the tunnel carries the rest.
+        return send(upstream, &server.held, &up, wait).await;
     }
-    let second = detect(client, Vec::new(), &mut SecondHello, tls::MAX_HELLO_BYTES, wait, None).await?;
+    let second = detect(client, server.held, &mut SecondHello, tls::MAX_HELLO_BYTES, wait, None).await?;
     if second.value.sni != first.sni {
         return Err(Refusal::Policy { reason: DenyReason::SniMismatch, rule: None });
     }
     check_hello(&second.value, None, rule).map_err(|reason| Refusal::Policy { reason, rule: None })?;
     send(upstream, &second.prefix, &up, wait).await
+}
+
+/// The server's first bytes, and what the client sent while they were awaited.
+struct ServerFirstFlight {
+    bytes: Vec<u8>,
+    retry: bool,
+    /// Held back: it may be a second hello sent ahead of the retry request.
+    held: Vec<u8>,
+}
+
+/// Waits for the server's first bytes, within `wait`. The client's bytes meanwhile are held back,
+/// not sent; a client that closes its side with nothing held has its end of stream passed on, so
+/// that a server waiting for it can answer.
+async fn server_first(client: &TcpStream, upstream: &TcpStream, wait: Duration) -> Result<ServerFirstFlight, Refusal> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let (mut bytes, mut held, mut client_done) = (Vec::new(), Vec::new(), false);
+    let mut chunk = [0u8; READ_CHUNK];
+    loop {
+        match classify(&bytes) {
+            First::NeedMore if bytes.len() < SERVER_FIRST_LIMIT => {}
+            First::RetryRequest => return Ok(ServerFirstFlight { bytes, retry: true, held }),
+            First::NeedMore | First::Other => return Ok(ServerFirstFlight { bytes, retry: false, held }),
+        }
+        tokio::select! {
+            r = upstream.readable() => {
+                r.map_err(|_| Refusal::UpstreamUnreachable)?;
+                match upstream.try_read(&mut chunk) {
+                    // The server closed: nothing more to follow.
+                    Ok(0) => return Ok(ServerFirstFlight { bytes, retry: false, held }),
+                    Ok(n) => bytes.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(Refusal::UpstreamUnreachable),
+                }
+            }
+            r = client.readable(), if !client_done && held.len() < tls::MAX_HELLO_BYTES => {
+                r.map_err(|_| Refusal::ClientGone)?;
+                match client.try_read(&mut chunk) {
+                    Ok(0) => {
+                        client_done = true;
+                        if held.is_empty() {
+                            let _ = socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
+                        }
+                    }
+                    Ok(n) => held.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(Refusal::ClientGone),
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(Refusal::UpstreamTimeout),
+        }
+    }
 }
 
 /// Writes `bytes` within `wait`: a peer that stops reading cannot hold the connection here.
@@ -57,30 +109,6 @@ async fn send(to: &mut TcpStream, bytes: &[u8], flow: &Flow, wait: Duration) -> 
     match tokio::time::timeout(wait, to.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) | Err(_) => Err(Refusal::ClientGone),
-    }
-}
-
-/// A server's first bytes: `true` for a HelloRetryRequest.
-struct ServerFirst;
-
-impl Detect for ServerFirst {
-    type Output = bool;
-
-    fn step(&mut self, buf: &[u8]) -> Step<bool> {
-        match classify(buf) {
-            First::NeedMore => Step::NeedMore,
-            First::RetryRequest => Step::Done(true),
-            First::Other => Step::Done(false),
-        }
-    }
-
-    fn stopped(&mut self, _buf: &[u8], why: Stop) -> Result<bool, Refusal> {
-        match why {
-            // No answer in time: the second hello could not be followed, so nothing goes on.
-            Stop::Timeout => Err(Refusal::UpstreamTimeout),
-            // The server closed or said too little to follow: nothing more can come of it.
-            Stop::Eof | Stop::Error | Stop::TooLong | Stop::PeerSpoke => Ok(false),
-        }
     }
 }
 
@@ -110,3 +138,4 @@ impl Detect for SecondHello {
 
 /// A ServerHello fits in far less; more means this is not one.
 const SERVER_FIRST_LIMIT: usize = 16 * 1024;
+const READ_CHUNK: usize = 4096;

@@ -140,9 +140,19 @@ async fn serve_plain(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx
     // hyper reads the head again from the bytes detect read: the same bytes, checked already.
     let io = TokioIo::new(Prefixed::new(head.prefix, stream));
     let served = http1_builder(&limits).keep_alive(false).serve_connection(io, svc);
-    tokio::select! {
-        r = served => if let Err(e) = r { tracing::debug!(error = %e, "Plain connection ended with an error") },
-        () = cx.stop.cancelled() => {}
+    let result = tokio::select! {
+        r = served => r,
+        () = cx.stop.cancelled() => return,
+    };
+    match result {
+        // What the strict head check let through and hyper still refused (with its own 400).
+        Err(e) if e.is_parse() || e.is_parse_too_large() => {
+            let mut conn = Conn::new(&cx.state, cx.client, Listener::Plain, Some(original_dst));
+            conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+            conn.refused(&Refusal::BadRequest("malformed request"));
+        }
+        Err(e) => tracing::debug!(error = %e, "Plain connection ended with an error"),
+        Ok(()) => {}
     }
 }
 

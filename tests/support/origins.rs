@@ -177,6 +177,7 @@ impl Transparent {
     }
 
     pub fn audit(&self) -> Vec<Value> {
+        assert!(self.state.audit.flush(Duration::from_secs(10)), "the audit queue did not drain");
         read_audit(&self.audit_path)
     }
 
