@@ -9,63 +9,33 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use egress_proxy::load::load;
-use egress_proxy::proxy::transparent::{self, Redirect};
-use egress_proxy::proxy::ConnCx;
-use egress_proxy::state::State;
+use egress_proxy::proxy::transparent::Redirect;
 use serde_json::Value;
+use support::origins::Transparent;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-struct Harness {
-    state: Arc<State>,
-    audit: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+/// The shared transparent harness, with the rules these tests share.
+struct Harness(Transparent);
 
 impl Harness {
     fn new(port: u16, extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = dir.path().join("audit.jsonl");
-        let cfg = dir.path().join("p.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n{extra}\n\
-                 [resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\"evil.example.com\" = [\"127.0.0.1\"]\n\
-                 [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{port}]\n\
-                 [[rule]]\nname = \"loopback\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\n",
-                audit.display().to_string()
-            ),
-        )
-        .unwrap();
-        let state = Arc::new(State::build(load(Some(&cfg), &[]).unwrap()).unwrap());
-        Self { state, audit, _dir: dir }
+        Self(Transparent::new(&format!(
+            "{extra}\n\
+             [resolve.static]\n\"ml.azure.com\" = [\"127.0.0.1\"]\n\"evil.example.com\" = [\"127.0.0.1\"]\n\
+             [[rule]]\nname = \"azureml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\nports = [{port}]\n\
+             [[rule]]\nname = \"loopback\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\n"
+        )))
     }
 
     /// A client connection whose server side is served by `listener` as if redirected from `original_dst`.
     async fn connect(&self, listener: Redirect, original_dst: SocketAddr) -> TcpStream {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, peer) = l.accept().await.unwrap();
-        let cx =
-            Arc::new(ConnCx::new(self.state.clone(), peer, TaskTracker::new(), CancellationToken::new(), Arc::new(())));
-        tokio::spawn(transparent::serve(listener, server, original_dst, cx));
-        client
+        self.0.connect(listener, original_dst).await
     }
 
     async fn audit(&self, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
-            let lines = read_audit(&self.audit);
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("fewer than {n} audit lines: {:#?}", read_audit(&self.audit));
+        self.0.audit_at_least(n).await
     }
 }
 
