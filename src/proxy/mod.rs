@@ -3,8 +3,9 @@
 //! accept (`server`) → detect (`detect`: a request head or a ClientHello, bounded, sans-IO
 //! parsers) → authorize (`authorize`: decide → resolve → check every address → `Permit`) →
 //! dial (`dial`: the only way out, and it takes a `Permit`) → check the tunnel's first bytes
-//! (`detect::check_hello`, then `retry::follow_retry`) → tunnel (`tunnel`: splice or copy, every byte through the `Meter`) →
-//! close. One `conn::Conn` per connection writes its every audit line and metric.
+//! (`detect::check_hello`, then `retry::follow_retry`) → tunnel (`tunnel`: splice or copy,
+//! every byte through the `Meter`) → close. One `conn::Conn` per connection writes its every
+//! audit line and metric.
 //!
 //! - `http`: the explicit listener's hyper service; `connect` (CONNECT tunnels) and `forward`
 //!   (absolute-form requests, and the `plain` listener's one request) serve what it validated.
