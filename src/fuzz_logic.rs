@@ -182,7 +182,13 @@ pub fn head(data: &[u8]) -> String {
     match full {
         Ok(None) => "pending".into(),
         Ok(Some(h)) => {
-            format!("head dest={}", h.dest.map_or("none", |d| if d.host.name().is_some() { "name" } else { "ip" }))
+            let dest = h.dest.map_or("none", |d| if d.host.name().is_some() { "name" } else { "ip" });
+            let form = match data.split(|&b| b == b' ').nth(1).and_then(|t| t.first()) {
+                Some(b'/') => "origin",
+                Some(b'*') => "asterisk",
+                _ => "absolute",
+            };
+            format!("head dest={dest} form={form} more={}", h.len < data.len())
         }
         Err(HeadError::InvalidHost(e)) => format!("InvalidHost({e:?})"),
         Err(e) => format!("{e:?}"),
@@ -227,14 +233,14 @@ pub fn config(data: &[u8]) -> String {
         Ok(c) => c,
         Err(errors) => {
             check_errors(&text, &errors);
-            return format!("syntax {}", field_class(&errors));
+            return format!("syntax {}", error_class(&errors));
         }
     };
     let compiled = match compile(&config, &TagTable::default()) {
         Ok(c) => c,
         Err(errors) => {
             check_errors(&text, &errors);
-            return format!("compile {}", field_class(&errors));
+            return format!("compile {}", error_class(&errors));
         }
     };
     let policy = &compiled.policy;
@@ -290,19 +296,26 @@ fn check_errors(text: &str, errors: &ConfigErrors) {
     }
 }
 
-/// The field of the first error with its indexes dropped (`rule[].hosts[]`): a coarse label.
-fn field_class(errors: &ConfigErrors) -> String {
-    let field = errors.0.first().map_or("", |e| e.field.as_str());
-    let mut out = String::new();
+/// A coarse, bounded label of the first error: the start of its message, up to the first quoted
+/// or numeric part, and its field with indexes and quoted keys dropped and any name this file does
+/// not know (an unknown key of the input) written `*`.
+fn error_class(errors: &ConfigErrors) -> String {
+    let Some(first) = errors.0.first() else { return String::new() };
+    let msg: String = first.msg.chars().take_while(|c| !matches!(c, '`' | '"' | '\'' | '0'..='9')).take(40).collect();
+    let mut field = String::new();
     let mut quoted = false;
-    for c in field.chars() {
+    for c in first.field.chars() {
         match c {
             '"' => quoted = !quoted,
-            _ if quoted || c.is_ascii_digit() => {}
-            _ => out.push(c),
+            _ if quoted || c.is_ascii_digit() || c == ' ' => {}
+            _ => field.push(c),
         }
     }
-    out
+    let field: Vec<&str> = field
+        .split('.')
+        .map(|segment| if FIELDS.contains(&segment.trim_end_matches("[]")) { segment } else { "*" })
+        .collect();
+    format!("{}: {msg}", field.join("."))
 }
 
 // === shared checks ===
@@ -359,6 +372,54 @@ fn label<T, E: Debug>(r: &Result<T, E>) -> String {
 
 const DEFAULT_PORT: u16 = 8080;
 const FUZZ_FILE: &str = "fuzz.toml";
+/// The names of the config file, for `error_class`; one missing here only makes labels coarser.
+const FIELDS: &[&str] = &[
+    "",
+    "regions",
+    "storage_accounts",
+    "listen",
+    "http",
+    "tls",
+    "plain",
+    "catch_all",
+    "admin",
+    "service_tags",
+    "file",
+    "url",
+    "refresh",
+    "ca_file",
+    "rule",
+    "name",
+    "action",
+    "enabled",
+    "protocol",
+    "hosts",
+    "cidrs",
+    "ports",
+    "sources",
+    "sni_check",
+    "allow_ech",
+    "safety",
+    "allow_internal",
+    "resolve",
+    "static",
+    "timeout",
+    "audit",
+    "path",
+    "limits",
+    "max_request_head_bytes",
+    "request_head_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_connections_per_client",
+    "shutdown_grace",
+    "nftables",
+    "proxy_uid",
+    "dns",
+    "transparent",
+    "original_dst_mismatch",
+];
 /// Exact hosts decided per compiled config, so that a large config stays cheap.
 const MAX_DECISIONS: usize = 64;
 const ALL_PREFIXES: usize = 512;
