@@ -204,7 +204,9 @@ fn check_head_lines(bytes: &[u8], has_dest: bool) {
             assert!(!matches!(bytes.get(i + 1), Some(b' ' | b'\t')), "obs-fold after {i}: {shown:?}");
         }
     }
-    let mut lines = bytes.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    // Empty lines before the request line are skipped (RFC 9112 §2.2), as httparse does.
+    let mut lines =
+        bytes.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).skip_while(|l| l.is_empty());
     let request_line = lines.next().unwrap_or_default();
     let hosts = lines
         .filter(|l| {
