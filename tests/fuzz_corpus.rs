@@ -224,7 +224,10 @@ fn fuzz(name: &str, max_len: usize, dict: &[&[u8]]) {
     let start = Instant::now();
     let mut execs = 0u64;
     while execs < budget.max_execs && budget.time.is_none_or(|t| start.elapsed() < t) {
-        let mut input = pool[rng.below(pool.len())].clone();
+        // One pick in four starts from a seed, so that the pool cannot drift to inputs that are
+        // refused at the first byte and stay there.
+        let from = if rng.below(SEED_ONE_IN) == 0 { rng.below(seeds) } else { rng.below(pool.len()) };
+        let mut input = pool[from].clone();
         for _ in 0..=rng.below(MAX_STACK) {
             mutate(&mut rng, &mut input, &pool, dict);
         }
@@ -404,4 +407,5 @@ const MIN_OUTCOMES: usize = 2;
 const MAX_STACK: usize = 4;
 const MAX_POOL: usize = 4096;
 const KEEP_ONE_IN: usize = 64;
+const SEED_ONE_IN: usize = 4;
 const MAX_CRASHES: usize = 5;
