@@ -43,6 +43,7 @@
 //! - `app`: the `run` command's wiring: bind, signals, reload triggers, refresh, `server::run`.
 //! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`, `audit verify`);
 //!   all printing.
+//! - `fuzz_logic` (hidden): the invariants the fuzz targets and `tests/fuzz_corpus.rs` check.
 //!
 //! Imports run one way: `cli` → `app` → `server` → `admin`/`proxy` → `state` → `policy`.
 
@@ -52,6 +53,8 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod denied;
+#[doc(hidden)]
+pub mod fuzz_logic;
 pub mod load;
 pub mod metrics;
 pub mod nft;

@@ -231,6 +231,9 @@ fn split_host_port(input: &str) -> Result<(&str, Option<&str>), HostError> {
         };
     }
     Ok(match input.rsplit_once(':') {
+        // An IPv6 literal beside a port is bracketed (RFC 3986 §3.2.2): reading `2001:db8::1:443`
+        // as `[2001:db8::1]:443` would be a guess, and `2001:db8:::1` is no address at all.
+        Some((host, _)) if host.contains(':') => return Err(HostError::InvalidIpv6),
         Some((host, port)) => (host, Some(port)),
         None => (input, None),
     })
@@ -351,6 +354,9 @@ mod tests {
         assert_eq!(Destination::parse_authority("ml.azure.com:65536"), Err(HostError::InvalidPort));
         assert_eq!(Destination::parse_authority("u:p@ml.azure.com:443"), Err(HostError::Userinfo));
         assert_eq!(Destination::parse_authority("[::1]:8080").unwrap().to_string(), "[::1]:8080");
+        assert_eq!(Destination::parse_authority("::1:8080"), Err(HostError::InvalidIpv6));
+        assert_eq!(Destination::parse_host_port("2001:db8::1:443", 80), Err(HostError::InvalidIpv6));
+        assert_eq!(Destination::parse_host_port("2001:db8:::1", 80), Err(HostError::InvalidIpv6));
 
         let loose = |s: &str| Destination::parse_loose(s, 443).map(|d| d.to_string());
         assert_eq!(loose("ml.azure.com"), Ok("ml.azure.com:443".into()));
