@@ -134,9 +134,9 @@ fn names_and_ip_spellings_at_the_edges_of_the_presets_wildcards_are_decided_exac
         ("[::ffff:7f00:1]:443", INTERNAL),
         ("[64:ff9b::7f00:1]:443", INTERNAL),
         ("[0:0:0:0:0:0:0:1]:443", INTERNAL),
-        // Unbracketed, the last group is the port: decided and dialled alike, so no bypass
-        // (hyper refuses it in a request line anyway).
-        ("::1:443", INTERNAL),
+        // Unbracketed, an IPv6 literal beside a port is ambiguous (RFC 3986 §3.2.2): refused
+        // rather than guessed at.
+        ("::1:443", Unparsed(InvalidIpv6)),
         ("0x7f.1:443", Unparsed(AmbiguousNumeric)),
         ("0x7f000001:443", Unparsed(AmbiguousNumeric)),
         ("2130706433:443", Unparsed(AmbiguousNumeric)),
