@@ -93,6 +93,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// An audit line is well under this; a file whose last line is longer is not an audit log.
 const MAX_TAIL: usize = 1024 * 1024;
+/// How long the writer naps after a busy spell before it parks (see `Writer::run`).
+const NAP: Duration = Duration::from_micros(500);
 
 // === impl Queue ===
 
@@ -226,16 +228,33 @@ impl Writer {
             self.write_chain_start();
         }
         while let Ok(msg) = rx.recv() {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-            if self.shared.reopen.swap(false, Ordering::AcqRel) {
-                self.reopen();
-            }
-            match msg {
-                Msg::Line(line) => self.write(line),
-                Msg::Reopen => self.reopen(),
-                Msg::Flush(done) => {
-                    let _ = done.send(());
+            self.handle(msg);
+            // While lines keep coming, nap briefly instead of parking: a sender that finds the
+            // writer parked must wake it, a futex call and a context switch on the data path
+            // for every line. A nap costs only this thread, and a line waits at most one nap.
+            loop {
+                while let Ok(msg) = rx.try_recv() {
+                    self.handle(msg);
                 }
+                std::thread::sleep(NAP);
+                match rx.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        if self.shared.reopen.swap(false, Ordering::AcqRel) {
+            self.reopen();
+        }
+        match msg {
+            Msg::Line(line) => self.write(line),
+            Msg::Reopen => self.reopen(),
+            Msg::Flush(done) => {
+                let _ = done.send(());
             }
         }
     }
