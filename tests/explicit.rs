@@ -728,3 +728,26 @@ async fn userinfo_in_a_refused_target_is_redacted_in_the_audit_log() {
     let raw = std::fs::read_to_string(&proxy.audit_path).unwrap();
     assert!(!raw.contains("S3cret") && !raw.contains("alice"), "{raw}");
 }
+
+#[tokio::test]
+async fn with_names_listed_a_tunnel_to_an_address_must_be_tls_even_when_the_rule_allows_other_bytes() {
+    let echo = echo_origin().await;
+    let port = echo.port();
+    let extra = format!(
+        "[[rule]]\nname = \"loopback-listed\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\n\
+         names = \"listed\"\ntls_only = false\nsni_check = false\nallow_ech = true\n"
+    );
+    let proxy = TestProxy::start(&rules_for(echo, &extra)).await;
+    // Plaintext would carry its name in a Host header that nothing checks: refused.
+    let req = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n");
+    let (resp, ending) = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("\r\n\r\n"), "nothing echoed: {resp}");
+    assert_eq!(ending, Ending::Eof);
+    let lines = proxy.audit_at_least(1).await;
+    let d = decisions(&lines);
+    assert_eq!(
+        (d[0]["decision"].as_str(), d[0]["reason"].as_str(), d[0]["rule"].as_str()),
+        (Some("deny"), Some("not_tls"), Some("loopback-listed"))
+    );
+}

@@ -72,10 +72,16 @@ async fn first_bytes(
     dest: &Destination,
     upstream: &Upstream,
 ) -> Result<(TcpStream, Vec<u8>, Option<ClientHello>), Refusal> {
-    let upgraded = hyper::upgrade::on(req).await.map_err(|e| {
-        tracing::debug!(id = conn.id, error = %e, "CONNECT upgrade failed");
-        Refusal::BadRequest("the client left before the tunnel opened")
-    })?;
+    let wait = cx.state.limits.request_head_timeout;
+    // A client that never takes up its tunnel must not hold the dialled upstream for long.
+    let upgraded = match tokio::time::timeout(wait, hyper::upgrade::on(req)).await {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(e)) => {
+            tracing::debug!(id = conn.id, error = %e, "CONNECT upgrade failed");
+            return Err(Refusal::BadRequest("the client left before the tunnel opened"));
+        }
+        Err(_) => return Err(Refusal::HeadTimeout),
+    };
     // The client's own socket, and the bytes hyper read past the CONNECT head.
     let (client, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
@@ -83,21 +89,17 @@ async fn first_bytes(
         Err(_) => return Err(Refusal::BadRequest("the upgraded connection is not a TCP socket")),
     };
     let grant = upstream.to.grant;
-    if !grant.tunnel.sni_check && grant.tunnel.allow_ech && !grant.tunnel.tls_only {
+    // With `names = "listed"`, a tunnel to an address must show the name it carries, so it must
+    // be TLS: plaintext would carry its name (a Host header) unchecked.
+    let names_listed = grant.tunnel.names_listed && matches!(dest.host, Host::Ip(_));
+    let tls_only = grant.tunnel.tls_only || names_listed;
+    if !grant.tunnel.sni_check && grant.tunnel.allow_ech && !tls_only {
         return Ok((client, early, None));
     }
-    let wait = cx.state.limits.request_head_timeout;
     // The rule that allowed the tunnel is the one whose checks refuse it.
     let by_rule = |reason| Refusal::Policy { reason, rule: Some(grant.rule) };
-    let detected = detect(
-        &client,
-        early,
-        &mut TunnelHello { tls_only: grant.tunnel.tls_only },
-        tls::MAX_HELLO_BYTES,
-        wait,
-        Some(&upstream.stream),
-    )
-    .await;
+    let detected =
+        detect(&client, early, &mut TunnelHello { tls_only }, tls::MAX_HELLO_BYTES, wait, Some(&upstream.stream)).await;
     let d = detected.map_err(|r| match r {
         Refusal::Policy { reason, rule: None } => by_rule(reason),
         other => other,
@@ -106,10 +108,8 @@ async fn first_bytes(
         check_hello(hello, dest.host.name(), grant.tunnel).map_err(by_rule)?;
         // A tunnel to an address, allowed by an address rule: with `names = "listed"`, the name
         // it carries must be allowed by a host rule of its own.
-        if let (Host::Ip(_), Some(sni)) = (&dest.host, &hello.sni) {
-            if grant.tunnel.names_listed {
-                conn.decide_name(sni, dest.port)?;
-            }
+        if let (true, Some(sni)) = (names_listed, &hello.sni) {
+            conn.decide_name(sni, dest.port)?;
         }
     }
     Ok((client, d.prefix, d.value))
