@@ -99,6 +99,14 @@ impl Conn {
         }
     }
 
+    /// A record for a redirected connection: what it asked for is its original destination until
+    /// a name it carries says more.
+    pub fn redirected(state: &Arc<State>, client: SocketAddr, listener: Listener, original_dst: SocketAddr) -> Self {
+        let mut conn = Self::new(state, client, listener, Some(original_dst));
+        conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+        conn
+    }
+
     pub fn with_method(mut self, method: Method) -> Self {
         self.method = Some(method);
         self

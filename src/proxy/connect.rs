@@ -14,9 +14,7 @@ use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, TunnelHello};
 use super::dial::Upstream;
 use super::refusal::Refusal;
-use super::retry::follow_retry;
-use super::tunnel::meter::Meter;
-use super::tunnel::tunnel_tcp;
+use super::retry::tunnel_tls;
 use crate::policy::{Destination, Host};
 use crate::tls::{self, ClientHello};
 
@@ -41,25 +39,12 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
 async fn tunnel(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination, upstream: Upstream) {
-    let (mut client, prefix, hello) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
+    let (client, prefix, hello) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
         Ok(opened) => opened,
         Err(refusal) => return conn.refused(&refusal),
     };
-    let Upstream { stream: mut upstream, to } = upstream;
-    let close = conn.allowed(to, Meter::new());
-    let prefix = match &hello {
-        Some(hello) => {
-            let wait = cx.state.limits.request_head_timeout;
-            match follow_retry(&mut client, &mut upstream, hello, &prefix, to.grant.tunnel, close.meter(), wait).await {
-                Ok(()) => Vec::new(),
-                Err(refusal) => return close.failed(&refusal.with_rule(to.grant.rule)),
-            }
-        }
-        None => prefix,
-    };
-    let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
-    let end = tunnel_tcp(client, upstream, &prefix, close.meter(), idle, stop).await;
-    tracing::debug!(id = close.id(), ?end, "Tunnel closed");
+    // A refused second hello is closed cleanly, like every refusal inside a CONNECT tunnel.
+    let _ = tunnel_tls(cx, conn, client, upstream, hello.as_ref(), &prefix).await;
 }
 
 /// The client's socket once hyper hands it over, and the tunnel's first bytes, checked: a

@@ -4,6 +4,8 @@
 //! as the first was checked, with the same server name.
 //!
 //! Every byte it moves passes the connection's meter; the tunnel then carries the rest.
+//! `tunnel_tls` is the end every checked tunnel shares, on the explicit and the transparent
+//! listener: the allow line, the retry followed, then the tunnel.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -15,9 +17,42 @@ use crate::policy::{DenyReason, TunnelOptions};
 use crate::tls::server_hello::{classify, second_hello_start, First};
 use crate::tls::{self, ClientHello, Parsed};
 
+use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, Detect, Step, Stop};
+use super::dial::Upstream;
 use super::refusal::Refusal;
 use super::tunnel::meter::{Direction, Flow, Meter};
+use super::tunnel::tunnel_tcp;
+
+/// The allow line, then, for a TLS hello, `follow_retry`, then the tunnel with what is left of
+/// `prefix` replayed first. `Err` hands the client's socket back when the second hello was
+/// refused (the close line says why), for the listener to close it its own way.
+pub async fn tunnel_tls(
+    cx: &ConnCx,
+    conn: Conn,
+    mut client: TcpStream,
+    upstream: Upstream,
+    hello: Option<&ClientHello>,
+    prefix: &[u8],
+) -> Result<(), TcpStream> {
+    let Upstream { stream: mut upstream, to } = upstream;
+    let close = conn.allowed(to, Meter::new());
+    let limits = cx.state.limits;
+    let mut rest = prefix;
+    if let Some(hello) = hello {
+        let wait = limits.request_head_timeout;
+        if let Err(refusal) =
+            follow_retry(&mut client, &mut upstream, hello, prefix, to.grant.tunnel, close.meter(), wait).await
+        {
+            close.failed(&refusal.with_rule(to.grant.rule));
+            return Err(client);
+        }
+        rest = b"";
+    }
+    let end = tunnel_tcp(client, upstream, rest, close.meter(), limits.idle_timeout, cx.stop.clone()).await;
+    tracing::debug!(id = close.id(), ?end, "Tunnel closed");
+    Ok(())
+}
 
 /// Sends `prefix` (the first hello, checked) upstream, passes the server's first bytes back, and,
 /// when they are a HelloRetryRequest, reads, checks and sends on the client's second hello.

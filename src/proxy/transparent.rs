@@ -29,14 +29,11 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, Detected, Hello, RequestHead};
-use super::dial::Upstream;
 use super::forward::forward;
 use super::http::http1_builder;
 use super::prefixed::Prefixed;
 use super::refusal::Refusal;
-use super::retry::follow_retry;
-use super::tunnel::meter::Meter;
-use super::tunnel::tunnel_tcp;
+use super::retry::tunnel_tls;
 use crate::audit::Listener;
 use crate::policy::{Host, HostName};
 use crate::tls;
@@ -68,8 +65,7 @@ pub async fn serve(kind: Redirect, stream: TcpStream, original_dst: SocketAddr, 
         Redirect::Tls => serve_tls(stream, original_dst, cx).await,
         Redirect::Plain => serve_plain(stream, original_dst, cx).await,
         Redirect::CatchAll => {
-            let mut conn = Conn::new(&cx.state, cx.client, Listener::CatchAll, Some(original_dst));
-            conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+            let conn = Conn::redirected(&cx.state, cx.client, Listener::CatchAll, original_dst);
             refuse(conn, &Refusal::CatchAll, stream);
         }
     }
@@ -78,8 +74,7 @@ pub async fn serve(kind: Redirect, stream: TcpStream, original_dst: SocketAddr, 
 /// `tls`: read the ClientHello, decide once on its server name and the original destination,
 /// check the rest of the hello, dial, then tunnel, the hello replayed first.
 async fn serve_tls(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx>) {
-    let mut conn = Conn::new(&cx.state, cx.client, Listener::Tls, Some(original_dst));
-    conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+    let mut conn = Conn::redirected(&cx.state, cx.client, Listener::Tls, original_dst);
     let wait = cx.state.limits.request_head_timeout;
     let Detected { value: hello, prefix } =
         match detect(&stream, Vec::new(), &mut Hello, tls::MAX_HELLO_BYTES, wait, None).await {
@@ -99,21 +94,13 @@ async fn serve_tls(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx>)
     if let Some((reason, rule)) = refused {
         return refuse(conn, &Refusal::Policy { reason, rule: Some(rule) }, stream);
     }
-    let Upstream { stream: mut upstream, to } = match conn.dial(&permit).await {
+    let upstream = match conn.dial(&permit).await {
         Ok(u) => u,
         Err(refusal) => return refuse(conn, &refusal, stream),
     };
-    let close = conn.allowed(to, Meter::new());
-    let mut stream = stream;
-    if let Err(refusal) =
-        follow_retry(&mut stream, &mut upstream, &hello, &prefix, to.grant.tunnel, close.meter(), wait).await
-    {
-        close.failed(&refusal.with_rule(to.grant.rule));
-        return reset(stream);
+    if let Err(stream) = tunnel_tls(&cx, conn, stream, upstream, Some(&hello), &prefix).await {
+        reset(stream);
     }
-    let (idle, stop) = (cx.state.limits.idle_timeout, cx.stop.clone());
-    let end = tunnel_tcp(stream, upstream, b"", close.meter(), idle, stop).await;
-    tracing::debug!(id = close.id(), ?end, "Tunnel closed");
 }
 
 /// `plain`: one request, checked strictly, decided on its own, forwarded; then the connection
@@ -124,8 +111,7 @@ async fn serve_plain(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx
     let head = match detect(&stream, Vec::new(), &mut RequestHead, limit, wait, None).await {
         Ok(head) => head,
         Err(refusal) => {
-            let mut conn = Conn::new(&cx.state, cx.client, Listener::Plain, Some(original_dst));
-            conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+            let conn = Conn::redirected(&cx.state, cx.client, Listener::Plain, original_dst);
             conn.refused(&refusal);
             return answer(stream, &refusal, wait).await;
         }
@@ -147,8 +133,7 @@ async fn serve_plain(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx
     match result {
         // What the strict head check let through and hyper still refused (with its own 400).
         Err(e) if e.is_parse() || e.is_parse_too_large() => {
-            let mut conn = Conn::new(&cx.state, cx.client, Listener::Plain, Some(original_dst));
-            conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
+            let conn = Conn::redirected(&cx.state, cx.client, Listener::Plain, original_dst);
             conn.refused(&Refusal::BadRequest("malformed request"));
         }
         Err(e) => tracing::debug!(error = %e, "Plain connection ended with an error"),
@@ -165,9 +150,10 @@ async fn plain_request(
     name: Option<HostName>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut conn =
-        Conn::new(&cx.state, cx.client, Listener::Plain, Some(original_dst)).with_method(req.method().clone());
-    let shown = name.as_ref().map_or_else(|| original_dst.ip().to_string(), HostName::to_string);
-    conn.asked(shown, Some(original_dst.port()));
+        Conn::redirected(&cx.state, cx.client, Listener::Plain, original_dst).with_method(req.method().clone());
+    if let Some(name) = &name {
+        conn.asked(name.to_string(), Some(original_dst.port()));
+    }
     let permit = match conn.authorize_redirected(name.as_ref()).await {
         Ok(p) => p,
         Err(refusal) => {
