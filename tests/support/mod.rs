@@ -78,14 +78,7 @@ impl TestProxy {
 
     /// Waits (bounded) until the audit log holds at least `n` lines, and returns them.
     pub async fn audit_at_least(&self, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
-            let lines = self.audit();
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("audit log has fewer than {n} lines: {:#?}", self.audit());
+        lines_at_least(|| self.audit(), n).await
     }
 
     pub fn reqwest(&self, ca_pem: &str) -> reqwest::Client {
@@ -154,6 +147,18 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// The decision and close lines of an audit log; the chain's own `chain_start` lines are left
 /// out (tests/audit.rs checks those).
+/// Waits (bounded: 5 s) until `read` gives at least `n` audit lines, and returns them.
+pub async fn lines_at_least(read: impl Fn() -> Vec<Value>, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let lines = read();
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("audit log has fewer than {n} lines: {:#?}", read());
+}
+
 pub fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

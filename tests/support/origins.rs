@@ -183,14 +183,7 @@ impl Transparent {
 
     /// Waits (bounded) until the audit log holds at least `n` lines, and returns them.
     pub async fn audit_at_least(&self, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
-            let lines = self.audit();
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("fewer than {n} audit lines: {:#?}", self.audit());
+        super::lines_at_least(|| self.audit(), n).await
     }
 }
 
