@@ -405,28 +405,66 @@ pub fn hello_with_ech(sni: &str) -> Vec<u8> {
     client_hello(sni, &[(0xfe0d, vec![0, 1, 2, 3])])
 }
 
-/// A minimal ClientHello record for `sni`, with `extra` extensions after server_name.
+/// A minimal ClientHello for `sni`, with `extra` extensions after server_name.
 pub fn client_hello(sni: &str, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
-    let mut sn = vec![0u8];
-    sn.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    sn.extend_from_slice(sni.as_bytes());
-    let mut sni_ext = (sn.len() as u16).to_be_bytes().to_vec();
-    sni_ext.extend_from_slice(&sn);
+    let exts: Vec<(u16, Vec<u8>)> = std::iter::once(sni_ext(&[sni.as_bytes()])).chain(extra.iter().cloned()).collect();
+    synthetic(&exts)
+}
+
+/// A ClientHello carrying `extensions` (type, data), its handshake framed in records of at most
+/// 2^14 bytes.
+pub fn synthetic(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[0x11; 32]);
+    body.push(0); // session id
+    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]); // one cipher suite
+    body.extend_from_slice(&[0x01, 0x00]); // null compression
     let mut exts = Vec::new();
-    for (kind, data) in std::iter::once(&(0x0000u16, sni_ext)).chain(extra) {
+    for (kind, data) in extensions {
         exts.extend_from_slice(&kind.to_be_bytes());
         exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
         exts.extend_from_slice(data);
     }
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
     body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
     body.extend_from_slice(&exts);
-    let mut rec = vec![0x16, 0x03, 0x01];
-    rec.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
-    rec.push(0x01);
-    rec.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    rec.extend_from_slice(&body);
-    rec
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    frame(&hs, 1 << 14)
+}
+
+/// Re-frames the handshake bytes of `records` into records of at most `size` bytes.
+pub fn refragment(records: &[u8], size: usize) -> Vec<u8> {
+    let mut handshake = Vec::new();
+    let mut rest = records;
+    while rest.len() >= 5 {
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        handshake.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+    }
+    frame(&handshake, size)
+}
+
+/// Handshake bytes in handshake records of at most `size` bytes each.
+fn frame(handshake: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in handshake.chunks(size) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// A server_name extension with `names`, each as a host_name.
+pub fn sni_ext(names: &[&[u8]]) -> (u16, Vec<u8>) {
+    let mut list = Vec::new();
+    for n in names {
+        list.push(0); // host_name
+        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        list.extend_from_slice(n);
+    }
+    let mut data = (list.len() as u16).to_be_bytes().to_vec();
+    data.extend_from_slice(&list);
+    (0x0000, data)
 }
