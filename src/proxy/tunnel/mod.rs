@@ -281,4 +281,17 @@ mod tests {
         assert_eq!(read.map_err(|e| e.kind()), Ok(0), "nothing after the cut reached the upstream");
         assert_eq!(meter.bytes(), (5, 0));
     }
+
+    #[tokio::test]
+    async fn an_upstream_that_stops_reading_cannot_hold_the_replay() {
+        let (_client_peer, client) = tcp_pair().await;
+        // The upstream never reads, and the prefix is far more than loopback socket buffers take:
+        // the replay blocks until the idle timeout cuts it.
+        let (upstream, _upstream_peer) = tcp_pair().await;
+        let prefix = vec![0x5a; 64 * 1024 * 1024];
+        let (meter, idle) = (Meter::new(), Duration::from_millis(300));
+        let replay = tunnel_tcp(client, upstream, &prefix, &meter, idle, CancellationToken::new());
+        let end = tokio::time::timeout(Duration::from_secs(5), replay).await;
+        assert_eq!(end, Ok(End::Idle), "cut at the idle timeout, not held");
+    }
 }
