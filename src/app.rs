@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::descriptors;
 use crate::load::Loaded;
 use crate::refresh::Refresher;
 use crate::reload::{self, Reloader};
@@ -23,6 +24,17 @@ pub fn run(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> Exi
     init_tracing();
     for w in &loaded.compiled.warnings {
         tracing::warn!(rule = w.rule.as_deref().unwrap_or("-"), "{}", w.message);
+    }
+    let nofile = descriptors::raise_limit();
+    let show = |n: Option<u64>| n.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    tracing::info!(
+        soft_was = %show(nofile.soft_before),
+        soft = %show(nofile.soft),
+        hard = %show(nofile.hard),
+        "File descriptor limit (RLIMIT_NOFILE): soft raised to hard"
+    );
+    if let Some(warning) = descriptors::check(&loaded.config.limits, server::ADMIN_CONNECTIONS, nofile.soft) {
+        tracing::warn!("{warning}");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

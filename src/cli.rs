@@ -13,9 +13,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::audit::chain::ChainCheck;
+use crate::descriptors;
 use crate::load::{load, Loaded};
 use crate::policy::service_tags::TagTable;
 use crate::policy::{Decision, Destination, Host, Policy, Query};
+use crate::server;
 
 #[derive(Debug, Parser)]
 #[command(name = "egress-proxy", version, about = "A default-deny egress proxy: lets out only what the policy allows")]
@@ -253,6 +255,10 @@ fn validate(args: ConfigArgs) -> ExitCode {
     }
     for w in &compiled.warnings {
         let _ = writeln!(out, "warning: rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message);
+    }
+    // `run` raises the soft limit to the hard one, so the hard limit is what the limits must fit.
+    if let Some(w) = descriptors::check(&config.limits, server::ADMIN_CONNECTIONS, descriptors::hard_limit()) {
+        let _ = writeln!(out, "warning: limits: {w}");
     }
     ExitCode::SUCCESS
 }

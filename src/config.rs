@@ -289,6 +289,10 @@ pub struct Limits {
     pub max_connections: Spanned<usize>,
     #[serde(default = "max_connections_per_client")]
     pub max_connections_per_client: Spanned<usize>,
+    /// Splice pipes kept for tunnels that are moving bytes (HAProxy's `maxpipes`). An idle tunnel
+    /// holds none; when all are in use, a tunnel copies through a small buffer instead.
+    #[serde(default = "max_pipes")]
+    pub max_pipes: Spanned<usize>,
     /// On SIGTERM, how long open tunnels may run before they are closed.
     #[serde(default = "shutdown_grace")]
     pub shutdown_grace: Spanned<Seconds>,
@@ -515,6 +519,9 @@ fn max_connections() -> Spanned<usize> {
 fn max_connections_per_client() -> Spanned<usize> {
     unwritten(1024)
 }
+fn max_pipes() -> Spanned<usize> {
+    unwritten(512)
+}
 fn shutdown_grace() -> Spanned<Seconds> {
     secs(30)
 }
@@ -534,6 +541,7 @@ impl Default for Limits {
             idle_timeout: idle_timeout(),
             max_connections: max_connections(),
             max_connections_per_client: max_connections_per_client(),
+            max_pipes: max_pipes(),
             shutdown_grace: shutdown_grace(),
         }
     }

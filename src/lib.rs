@@ -25,6 +25,10 @@
 //! - `config`: the only code that knows the TOML format; errors name file, line and field.
 //! - `load`: config file + service-tag file → compiled policy; the one path used at start and reload.
 //! - `state`: what every connection shares; `State::apply` is the one writer of the policy in force.
+//!   It owns the tunnels' splice-pipe pool (`proxy::tunnel::pipes`, a leaf that imports nothing
+//!   of the proxy).
+//! - `descriptors`: the descriptor limit raised and checked at start; the shortage record that
+//!   refuses with `local_resources`, backs off accepts and makes `/readyz` not ready.
 //! - `resolve`: `[resolve] static` pins, then DNS (hickory); returns every address.
 //! - `proxy`: the path above: `detect`, `authorize`, `dial`, `conn`, `tunnel`, and the listeners
 //!   that use them (`http` with `connect` and `forward`; `transparent`).
@@ -53,6 +57,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod denied;
+pub mod descriptors;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod load;

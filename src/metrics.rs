@@ -16,6 +16,9 @@
 //! | `egress_proxy_service_tags_file_timestamp_seconds` | gauge | |
 //! | `egress_proxy_service_tags_refreshes_total` | counter | `result` (success/not_modified/failure) |
 //! | `egress_proxy_audit_lines_total`, `egress_proxy_audit_lines_lost_total` | counter | |
+//! | `egress_proxy_splice_pipes_in_use` | gauge | |
+//! | `egress_proxy_splice_pipe_fallbacks_total` | counter | |
+//! | `egress_proxy_descriptor_shortages_total` | counter | `at` (accept/dial) |
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -41,6 +44,9 @@ pub struct Metrics {
     pub tag_refreshes: IntCounterVec,
     pub audit_lines: IntCounter,
     pub audit_lost: IntCounter,
+    pub pipes_in_use: IntGauge,
+    pub pipe_fallbacks: IntCounter,
+    pub descriptor_shortages: IntCounterVec,
 }
 
 impl Metrics {
@@ -125,6 +131,20 @@ impl Metrics {
             ),
             audit_lines: counter("egress_proxy_audit_lines_total", "Audit lines written."),
             audit_lost: counter("egress_proxy_audit_lines_lost_total", "Audit lines that could not be written."),
+            pipes_in_use: register(
+                &registry,
+                IntGauge::new("egress_proxy_splice_pipes_in_use", "Splice pipes held by tunnels moving bytes.")
+                    .unwrap_or_else(|e| invalid("pipes_in_use", e)),
+            ),
+            pipe_fallbacks: counter(
+                "egress_proxy_splice_pipe_fallbacks_total",
+                "Bursts copied through a buffer because no splice pipe was free ([limits] max_pipes).",
+            ),
+            descriptor_shortages: counter_vec(
+                "egress_proxy_descriptor_shortages_total",
+                "Accepts and upstream connects that failed for want of a file descriptor or socket memory.",
+                &["at"],
+            ),
             registry,
         }
     }

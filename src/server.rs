@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::admin;
 use crate::audit::Listener;
+use crate::descriptors::{has_pending, is_shortage, At, Spare};
 use crate::proxy::conn::{Conn, ConnCx};
 use crate::proxy::http::{handle, http1_builder};
 use crate::proxy::transparent::{self, Redirect};
@@ -92,7 +93,8 @@ async fn accept_http(
     shutdown: CancellationToken,
     admission: Arc<Admission>,
 ) {
-    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
+    let mut spare = Spare::keep();
+    while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
         let _ = stream.set_nodelay(true);
         match admission.admit(client.ip()) {
             Some(slot) => {
@@ -110,23 +112,46 @@ async fn accept_http(
     }
 }
 
-/// The next connection, or `None` once `shutdown` is cancelled. Accept errors (EMFILE and
-/// friends) back off instead of spinning.
+/// The next connection, or `None` once `shutdown` is cancelled.
+///
+/// A failed accept backs off, 10 ms doubling to 1 s, instead of spinning. When it failed for want
+/// of a descriptor, the shortage is noted (counted, logged a few times, `/readyz` not ready) and
+/// the pool's free pipes are closed; and when a client is waiting, `spare`, the listener's one
+/// descriptor in reserve, is given up so that its accept goes through: the client then hears `503 local_resources` (or,
+/// on the admin listener, gets its answer) instead of waiting unanswered in the backlog.
 pub(crate) async fn accept_next(
     listener: &TcpListener,
     shutdown: &CancellationToken,
+    state: &State,
+    spare: &mut Spare,
 ) -> Option<(TcpStream, SocketAddr)> {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        tokio::select! {
+        let error = tokio::select! {
             () = shutdown.cancelled() => return None,
             accepted = listener.accept() => match accepted {
-                Ok(a) => return Some(a),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(a) => {
+                    spare.refill();
+                    return Some(a);
                 }
+                Err(e) => e,
             },
+        };
+        if is_shortage(&error) {
+            state.shortage.note(At::Accept, &error);
+            state.pipes.close_free();
+            if has_pending(listener) && spare.release() {
+                continue;
+            }
+        } else {
+            tracing::debug!(error = %error, "Accept failed");
         }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+        spare.refill();
     }
 }
 
@@ -140,7 +165,10 @@ async fn accept_admin(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
-    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
+    // Its own descriptor in reserve, so that /readyz can say "not ready" while the data path is
+    // short.
+    let mut spare = Spare::keep();
+    while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(client.addr = %client, limit = ADMIN_CONNECTIONS, "Admin connection refused: at its limit");
             continue;
@@ -171,7 +199,8 @@ async fn accept_redirected(
     shutdown: CancellationToken,
     admission: Arc<Admission>,
 ) {
-    while let Some((stream, client)) = accept_next(&listener, &shutdown).await {
+    let mut spare = Spare::keep();
+    while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
         let Some(slot) = admission.admit(client.ip()) else {
             Conn::new(&state, client, kind.listener(), None).refused(&Refusal::ConnectionLimit);
             transparent::reset(stream);
@@ -307,6 +336,8 @@ impl Drop for Slot {
 }
 
 const OVERFLOW_ANSWERS: usize = 64;
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Admin connections open at once (Prometheus, probes, an operator's curl).
 pub const ADMIN_CONNECTIONS: usize = 32;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);

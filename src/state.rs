@@ -14,9 +14,11 @@ use serde::Serialize;
 
 use crate::audit::Audit;
 use crate::config::{self, Config};
+use crate::descriptors::Shortage;
 use crate::load::Loaded;
 use crate::metrics::Metrics;
 use crate::policy::{HostName, Policy};
+use crate::proxy::tunnel::pipes::Pipes;
 use crate::resolve::Resolver;
 
 /// Everything a connection needs, shared by all of them.
@@ -34,6 +36,10 @@ pub struct State {
     pub mismatch: config::Mismatch,
     /// `[admin] token_file`, resolved against the config's directory.
     pub admin_token_file: Option<PathBuf>,
+    /// The splice pipes every tunnel borrows from while bytes flow.
+    pub pipes: Pipes,
+    /// When the proxy last ran out of descriptors.
+    pub shortage: Shortage,
     /// Every configured listener is bound and accepting.
     pub ready: AtomicBool,
     next_id: AtomicU64,
@@ -48,6 +54,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
+    pub max_pipes: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -81,6 +88,8 @@ impl State {
             info: ArcSwap::from_pointee(PolicyInfo::default()),
             resolver,
             audit,
+            pipes: Pipes::new(*config.limits.max_pipes.get_ref(), &metrics),
+            shortage: Shortage::new(metrics.descriptor_shortages.clone()),
             metrics,
             limits: Limits::from(&config.limits),
             mismatch: config.transparent.original_dst_mismatch,
@@ -129,8 +138,9 @@ impl State {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Serving, and not short of descriptors of late.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.shortage.recent()
     }
 }
 
@@ -145,6 +155,7 @@ impl From<&config::Limits> for Limits {
             idle_timeout: l.idle_timeout.get_ref().0,
             max_connections: *l.max_connections.get_ref(),
             max_connections_per_client: *l.max_connections_per_client.get_ref(),
+            max_pipes: *l.max_pipes.get_ref(),
             shutdown_grace: l.shutdown_grace.get_ref().0,
         }
     }

@@ -272,6 +272,11 @@ struct Running {
 
 impl Running {
     fn start(config: &str, stdout: Stdio) -> Self {
+        Self::start_with_nofile(config, stdout, None)
+    }
+
+    /// `start`, with the process's descriptor limit (soft and hard) set to `nofile` first.
+    fn start_with_nofile(config: &str, stdout: Stdio, nofile: Option<u32>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("p.toml");
         let tags = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ServiceTags_Public_20251020.azureml-subset.json");
@@ -282,7 +287,16 @@ impl Running {
             ),
         )
         .unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = match nofile {
+            // The shell's `ulimit -n` sets both limits, and then becomes the proxy.
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .args(["run", "--config", cfg.to_str().unwrap()])
             .stderr(Stdio::piped())
             .stdout(stdout)
@@ -290,9 +304,11 @@ impl Running {
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (mut addr, mut admin) = (None, None);
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut early = String::new();
         while addr.is_none() || admin.is_none() {
             let line = lines.next().expect("the proxy logs its bound addresses").unwrap();
+            early.push_str(&line);
+            early.push('\n');
             let bound = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()).map(String::from);
             if line.contains("listener=\"http\"") {
                 addr = bound;
@@ -300,6 +316,7 @@ impl Running {
                 admin = bound;
             }
         }
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(early));
         let sink = stderr.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
@@ -425,4 +442,96 @@ fn sighup_reopens_the_audit_file_so_logrotate_can_rename_it() {
     assert_eq!(std::fs::read_to_string(&rotated).unwrap().lines().count(), 2, "the old file got nothing more");
     let out = Command::new(BIN).args(["audit", "verify"]).arg(&rotated).arg(&log).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "intact: 4 lines in 2 files\n");
+}
+
+/// Sends a CONNECT on a new connection and reads the response head (up to 3 s): the status and
+/// deny reason, and the stream, kept open by the caller while it wants the tunnel.
+fn connect_via(proxy: &str, target: &str) -> (u16, String, std::net::TcpStream) {
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return (0, String::new(), s),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let reason = head.lines().find_map(|l| l.strip_prefix("x-egress-deny-reason: ")).unwrap_or_default();
+    (status, reason.to_string(), s)
+}
+
+#[test]
+fn out_of_descriptors_refuses_with_local_resources_backs_off_reports_not_ready_and_recovers() {
+    // An origin that accepts and holds every connection.
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = origin.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in origin.incoming().map_while(Result::ok) {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let config = format!(
+        "[audit]\npath = \"audit.jsonl\"\n[safety]\nallow_internal = [\"127.0.0.0/8\"]\n\
+         [limits]\nrequest_head_timeout = \"60s\"\n\
+         [[rule]]\nname = \"origin\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{port}]\ntls_only = false\n"
+    );
+    let proxy = Running::start_with_nofile(&config, Stdio::null(), Some(64));
+    let target = format!("127.0.0.1:{port}");
+    let warned = |p: &Running| p.stderr.lock().unwrap().matches("Out of file descriptors").count();
+    let started_warning = proxy.stderr.lock().unwrap().contains("need up to");
+    assert!(started_warning, "the start-up check says the limits do not fit 64 descriptors");
+
+    // Tunnels until the proxy has no descriptor left for an upstream socket.
+    let mut open = Vec::new();
+    let refused = loop {
+        assert!(open.len() < 64, "64 descriptors cannot hold {} tunnels", open.len());
+        match connect_via(&proxy.addr, &target) {
+            (200, _, s) => open.push(s),
+            other => break (other.0, other.1),
+        }
+    };
+    let log = proxy.stderr.lock().unwrap().clone()
+        + &std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap_or_default();
+    assert_eq!(refused, (503, "local_resources".to_string()), "after {} tunnels: {log}", open.len());
+    assert!(open.len() >= 10, "only {} tunnels held", open.len());
+
+    // Clients that connect and say nothing take the last descriptors: accepts now fail.
+    let mut silent: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&proxy.addr).unwrap()).collect();
+    let readyz = http_get(&proxy.admin, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503"), "not ready while short of descriptors: {readyz}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!((1..=2).contains(&warned(&proxy)), "a few warnings, not one per failure: {}", warned(&proxy));
+
+    // Everything closes: the proxy recovers by itself.
+    open.clear();
+    silent.clear();
+    held.lock().unwrap().clear();
+    let started = Instant::now();
+    while !http_get(&proxy.admin, "/readyz").starts_with("HTTP/1.1 200") {
+        assert!(started.elapsed() < Duration::from_secs(15), "not ready again after the connections closed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, _tunnel) = connect_via(&proxy.addr, &target);
+    assert_eq!(status, 200, "tunnels open again");
+    let metrics = http_get(&proxy.admin, "/metrics");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(value("egress_proxy_descriptor_shortages_total{at=\"dial\"}") >= 1.0, "{metrics}");
+    let accepts = value("egress_proxy_descriptor_shortages_total{at=\"accept\"}");
+    assert!((1.0..100.0).contains(&accepts), "accepts backed off rather than spun: {accepts} failures");
+    let local = value("egress_proxy_decisions_total{decision=\"deny\",listener=\"http\",reason=\"local_resources\"");
+    assert!(local >= 1.0, "the refusal is counted with its reason: {metrics}");
+    let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"reason\":\"local_resources\""), "and audited");
 }

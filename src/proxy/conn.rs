@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{Closed, Decided, Listener, Verdict};
+use crate::descriptors::At;
 use crate::policy::{Decision, Destination, HostName, Policy, Query, RuleId};
 use crate::state::State;
 
 use super::authorize::{authorize, authorize_redirected, Permit, Redirected};
-use super::dial::{dial, Dialled, Upstream};
+use super::dial::{dial, DialError, Dialled, Upstream};
 use super::refusal::Refusal;
 use super::tunnel::meter::Meter;
 
@@ -152,10 +153,18 @@ impl Conn {
         Ok(())
     }
 
-    /// Dials a permit within the connect timeout, and times the connect.
+    /// Dials a permit within the connect timeout, and times the connect. A lack of descriptors is
+    /// noted as the proxy's shortage and refused as `local_resources`.
     pub async fn dial(&self, permit: &Permit) -> Result<Upstream, Refusal> {
         let started = std::time::Instant::now();
-        let upstream = dial(permit, self.state.limits.connect_timeout).await?;
+        let upstream = dial(permit, self.state.limits.connect_timeout).await.map_err(|e| match e {
+            DialError::Upstream(refusal) => refusal,
+            DialError::Shortage(e) => {
+                self.state.shortage.note(At::Dial, &e);
+                self.state.pipes.close_free();
+                Refusal::LocalResources
+            }
+        })?;
         let seconds = started.elapsed().as_secs_f64();
         self.state.metrics.connect_duration.with_label_values(&[self.listener.as_str()]).observe(seconds);
         Ok(upstream)

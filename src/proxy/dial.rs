@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::descriptors::is_shortage;
+
 use super::authorize::{Grant, Permit};
 use super::refusal::Refusal;
 
@@ -25,8 +27,17 @@ pub struct Dialled {
     pub mismatch: bool,
 }
 
+/// Why a dial failed.
+#[derive(Debug)]
+pub enum DialError {
+    /// The upstream refused, did not answer in time, or was unreachable.
+    Upstream(Refusal),
+    /// The proxy had no descriptor (or socket memory) for the socket: its own shortage.
+    Shortage(std::io::Error),
+}
+
 /// Connects to the permit's addresses in order until one answers, within `timeout` in all.
-pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, Refusal> {
+pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, DialError> {
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
     for (addr, grant) in permit.addrs() {
@@ -38,6 +49,7 @@ pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, Refusa
                 let _ = stream.set_nodelay(true);
                 return Ok(Upstream { stream, to: Dialled { addr, grant, mismatch: permit.is_mismatch() } });
             }
+            Ok(Err(e)) if is_shortage(&e) => return Err(DialError::Shortage(e)),
             Ok(Err(e)) => tracing::debug!(%addr, error = %e, "Upstream connect failed"),
             Err(_) => {
                 timed_out = true;
@@ -45,5 +57,5 @@ pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, Refusa
             }
         }
     }
-    Err(if timed_out { Refusal::UpstreamTimeout } else { Refusal::UpstreamUnreachable })
+    Err(DialError::Upstream(if timed_out { Refusal::UpstreamTimeout } else { Refusal::UpstreamUnreachable }))
 }

@@ -39,6 +39,9 @@ pub enum Refusal {
     ClientGone,
     /// The audit log is not taking lines, and `[audit] on_stall = "refuse"`: fail closed.
     AuditUnavailable,
+    /// The proxy is out of file descriptors (or socket memory) for the upstream socket: its own
+    /// shortage, not the upstream's.
+    LocalResources,
 }
 
 impl Refusal {
@@ -47,7 +50,7 @@ impl Refusal {
             Self::Policy { .. } | Self::CatchAll | Self::NoOriginalDst => StatusCode::FORBIDDEN,
             Self::BadRequest(_) | Self::ClientGone => StatusCode::BAD_REQUEST,
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::ConnectionLimit | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectionLimit | Self::AuditUnavailable | Self::LocalResources => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -68,6 +71,7 @@ impl Refusal {
             Self::NoOriginalDst => "no_original_destination",
             Self::ClientGone => "client_gone",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::LocalResources => "local_resources",
         }
     }
 
@@ -79,6 +83,7 @@ impl Refusal {
             | Self::HeadTimeout
             | Self::ConnectionLimit
             | Self::AuditUnavailable
+            | Self::LocalResources
             | Self::CatchAll
             | Self::NoOriginalDst => Verdict::Deny,
             // The client left mid-way: what was under way may have reached the upstream, so the
@@ -152,6 +157,7 @@ mod tests {
             (Refusal::BadRequest("x"), 400, "bad_request"),
             (Refusal::ConnectionLimit, 503, "connection_limit"),
             (Refusal::AuditUnavailable, 503, "audit_unavailable"),
+            (Refusal::LocalResources, 503, "local_resources"),
             (Refusal::ResolveFailed, 502, "resolve_failed"),
             (Refusal::UpstreamUnreachable, 502, "upstream_unreachable"),
             (Refusal::UpstreamTimeout, 504, "upstream_timeout"),

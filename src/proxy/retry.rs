@@ -49,7 +49,8 @@ pub async fn tunnel_tls(
         }
         rest = b"";
     }
-    let end = tunnel_tcp(client, upstream, rest, close.meter(), limits.idle_timeout, cx.stop.clone()).await;
+    let (pipes, meter, stop) = (&cx.state.pipes, close.meter(), cx.stop.clone());
+    let end = tunnel_tcp(client, upstream, rest, pipes, meter, limits.idle_timeout, stop).await;
     tracing::debug!(id = close.id(), ?end, "Tunnel closed");
     Ok(())
 }

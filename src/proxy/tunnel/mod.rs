@@ -1,12 +1,14 @@
 //! Bidirectional copy with half-close and an idle timeout. Every byte passes the connection's
 //! `Meter`, so the close record is right however the tunnel ends, and a cut stops the copy.
 //!
-//! Between two TCP sockets the bytes are spliced in the kernel (`splice.rs`); otherwise (a hyper
-//! upgrade that is not a plain socket, or no pipe available) they are copied through a buffer.
+//! Between two TCP sockets the bytes are spliced in the kernel (`splice.rs`), through pipes taken
+//! from a bounded pool (`pipes.rs`) only while bytes flow; otherwise (a stream that is not a plain
+//! socket) they are copied through a buffer.
 //! Bytes read before the tunnel (a ClientHello or request head read to decide) are replayed to
 //! the upstream first, through the same meter.
 
 pub mod meter;
+pub mod pipes;
 mod splice;
 
 use std::future::Future;
@@ -19,7 +21,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use meter::{Cut, Direction, Flow, Meter};
-use splice::{splice_one_way, Pipe};
+use pipes::Pipes;
+use splice::splice_one_way;
 
 /// How a tunnel ended.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -51,11 +54,12 @@ impl From<std::io::Error> for Halted {
 
 /// Replays `prefix` to the upstream, then carries bytes between two TCP sockets until both
 /// directions end, one fails, nothing moves for `idle`, the meter cuts, or `stop` is cancelled.
-/// Splices in the kernel when it can.
+/// Splices in the kernel through `pipes` when the pool has one to give.
 pub async fn tunnel_tcp(
     client: TcpStream,
     mut upstream: TcpStream,
     prefix: &[u8],
+    pipes: &Pipes,
     meter: &Arc<Meter>,
     idle: Duration,
     stop: CancellationToken,
@@ -64,13 +68,8 @@ pub async fn tunnel_tcp(
     if let Err(end) = replay(&mut upstream, prefix, &up, idle, &stop).await {
         return end;
     }
-    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
-        (Ok(a), Ok(b)) => (a, b),
-        // No pipe to be had: copy through a buffer instead (the prefix is already replayed).
-        _ => return tunnel(client, upstream, b"", meter, idle, stop).await,
-    };
-    let up_half = splice_one_way(&client, &upstream, &up_pipe, &up);
-    let down_half = splice_one_way(&upstream, &client, &down_pipe, &down);
+    let up_half = splice_one_way(&client, &upstream, pipes, &up);
+    let down_half = splice_one_way(&upstream, &client, pipes, &down);
     drive(up_half, down_half, meter, idle, stop).await
 }
 
@@ -209,6 +208,10 @@ mod tests {
         assert_eq!(meter.bytes(), (up, down));
     }
 
+    fn pipes() -> Pipes {
+        Pipes::new(8, &crate::metrics::Metrics::new())
+    }
+
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         #[allow(clippy::disallowed_methods)]
@@ -224,11 +227,53 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, b"", &pipes(), &m, Duration::from_secs(5), CancellationToken::new()).await
         });
         let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
         assert_eq!(t.await.unwrap(), End::Closed);
         assert_eq!(meter.bytes(), (up, down));
+    }
+
+    #[tokio::test]
+    async fn copies_through_a_small_buffer_when_the_pool_has_no_pipe() {
+        let (client_peer, client) = tcp_pair().await;
+        let (upstream, upstream_peer) = tcp_pair().await;
+        let meter = Meter::new();
+        let m = meter.clone();
+        let none = Pipes::new(0, &crate::metrics::Metrics::new());
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, b"", &none, &m, Duration::from_secs(5), CancellationToken::new()).await
+        });
+        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
+        assert_eq!(t.await.unwrap(), End::Closed);
+        assert_eq!(meter.bytes(), (up, down));
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_holds_no_pipe() {
+        let (mut client_peer, client) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        let metrics = crate::metrics::Metrics::new();
+        let pool = Arc::new(Pipes::new(8, &metrics));
+        let (p, meter) = (pool.clone(), Meter::new());
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, b"", &p, &meter, Duration::from_secs(30), CancellationToken::new()).await
+        });
+        let mut got = vec![0u8; 100_000];
+        client_peer.write_all(&vec![1u8; got.len()]).await.unwrap();
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        upstream_peer.write_all(b"back").await.unwrap();
+        client_peer.read_exact(&mut got[..4]).await.unwrap();
+        // Both directions have gone back to waiting: every pipe made is back in the pool.
+        let settled = async {
+            while metrics.pipes_in_use.get() != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), settled).await.expect("the pipes go back while idle");
+        assert!(pool.made() >= 1 && pool.free() == pool.made(), "made {}, free {}", pool.made(), pool.free());
+        assert!(!t.is_finished(), "the tunnel itself is still open");
+        t.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -247,7 +292,8 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"hello ", &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, b"hello ", &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
+                .await
         });
         let mut client_peer = client_peer;
         client_peer.write_all(b"world").await.unwrap();
@@ -267,7 +313,7 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, b"", &pipes(), &m, Duration::from_secs(5), CancellationToken::new()).await
         });
         client_peer.write_all(b"first").await.unwrap();
         let mut first = [0u8; 5];
@@ -290,7 +336,8 @@ mod tests {
         let (upstream, _upstream_peer) = tcp_pair().await;
         let prefix = vec![0x5a; 64 * 1024 * 1024];
         let (meter, idle) = (Meter::new(), Duration::from_millis(300));
-        let replay = tunnel_tcp(client, upstream, &prefix, &meter, idle, CancellationToken::new());
+        let pool = pipes();
+        let replay = tunnel_tcp(client, upstream, &prefix, &pool, &meter, idle, CancellationToken::new());
         let end = tokio::time::timeout(Duration::from_secs(5), replay).await;
         assert_eq!(end, Ok(End::Idle), "cut at the idle timeout, not held");
     }
