@@ -246,7 +246,15 @@ pub struct ResolveConfig {
     /// Upper bound on one DNS lookup.
     #[serde(default = "dns_timeout")]
     pub timeout: Spanned<Seconds>,
+    /// The resolvers to ask, in order (`"168.63.129.16"`, `"[fd00::53]:5353"`), over UDP and TCP;
+    /// empty: the system's (`/etc/resolv.conf`). Read at start.
+    #[serde(default)]
+    pub upstream: Vec<DnsServer>,
 }
+
+/// A resolver's address: an IP, with port 53 unless one is written.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct DnsServer(pub SocketAddr);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,6 +489,18 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+impl<'de> Deserialize<'de> for DnsServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<SocketAddr>()
+            .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map(DnsServer)
+            .map_err(|_| {
+                de::Error::custom(format!("{s:?} is not a resolver address such as \"10.0.0.2\" or \"[fd00::53]:53\""))
+            })
+    }
+}
+
 fn port(v: i64) -> Option<u16> {
     u16::try_from(v).ok().filter(|&p| p != 0)
 }
@@ -528,7 +548,7 @@ fn shutdown_grace() -> Spanned<Seconds> {
 
 impl Default for ResolveConfig {
     fn default() -> Self {
-        Self { static_hosts: BTreeMap::new(), timeout: dns_timeout() }
+        Self { static_hosts: BTreeMap::new(), timeout: dns_timeout(), upstream: Vec::new() }
     }
 }
 
@@ -620,6 +640,17 @@ mod tests {
         assert_eq!((e.line, e.field.as_str()), (2, "limits.connect_timeout"));
         let e = err("[[rule]]\nname = \"a\"\n");
         assert!(e.msg.contains("missing field `action`"), "{}", e.msg);
+        let e = err("[resolve]\nupstream = [\"10.0.0.2\", \"dns.example\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "resolve.upstream"));
+        assert!(e.msg.contains("\"dns.example\" is not a resolver address"), "{}", e.msg);
+    }
+
+    #[test]
+    fn resolvers_are_written_with_or_without_a_port() {
+        let text = "[resolve]\nupstream = [\"168.63.129.16\", \"127.0.0.1:5353\", \"[fd00::53]:53\"]\n";
+        let config = Config::from_str(text, Origin::File("p.toml".into())).unwrap();
+        let got: Vec<String> = config.resolve.upstream.iter().map(|s| s.0.to_string()).collect();
+        assert_eq!(got, ["168.63.129.16:53", "127.0.0.1:5353", "[fd00::53]:53"]);
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! Name resolution for the proxy: `[resolve] static` first, then DNS through hickory-resolver with
-//! the system's resolver configuration. hickory caches answers for their TTL.
+//! Name resolution for the proxy: `[resolve] static` first, then DNS through hickory-resolver,
+//! asking `[resolve] upstream` (UDP, then TCP) or else the system's resolvers. hickory caches
+//! answers for their TTL.
 //!
 //! Returns every address; the caller checks each one against the policy before dialling any.
 //! Names are queried fully qualified (with a trailing dot) so that no search domain is appended.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioAsyncResolver;
 use prometheus::IntCounter;
 use tokio::sync::OnceCell;
@@ -20,6 +22,8 @@ pub struct Resolver {
     /// Replaced as a whole on reload.
     pins: ArcSwap<HashMap<HostName, Vec<IpAddr>>>,
     dns: OnceCell<TokioAsyncResolver>,
+    /// `[resolve] upstream`; empty: the system's resolvers.
+    upstream: Vec<SocketAddr>,
     timeout: Duration,
     lookups: IntCounter,
     failures: IntCounter,
@@ -36,10 +40,16 @@ pub enum ResolveError {
 }
 
 impl Resolver {
-    pub fn new(pins: HashMap<HostName, Vec<IpAddr>>, timeout: Duration, metrics: &Metrics) -> Self {
+    pub fn new(
+        pins: HashMap<HostName, Vec<IpAddr>>,
+        upstream: Vec<SocketAddr>,
+        timeout: Duration,
+        metrics: &Metrics,
+    ) -> Self {
         Self {
             pins: ArcSwap::from_pointee(pins),
             dns: OnceCell::new(),
+            upstream,
             timeout,
             lookups: metrics.dns_lookups.clone(),
             failures: metrics.dns_failures.clone(),
@@ -70,11 +80,10 @@ impl Resolver {
         if let Some(pinned) = self.pins.load().get(name) {
             return Ok(pinned.clone());
         }
-        let dns =
-            self.dns.get_or_try_init(|| async { TokioAsyncResolver::tokio_from_system_conf() }).await.map_err(|e| {
-                tracing::error!(error = %e, "Cannot read the system resolver configuration");
-                ResolveError::NoResolver
-            })?;
+        let dns = self.dns.get_or_try_init(|| async { self.build() }).await.map_err(|e| {
+            tracing::error!(error = %e, "Cannot set up the DNS client (the system resolver configuration)");
+            ResolveError::NoResolver
+        })?;
         let fqdn = format!("{name}.");
         match tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str())).await {
             Err(_) => Err(ResolveError::Timeout),
@@ -88,5 +97,23 @@ impl Resolver {
                 }
             }
         }
+    }
+
+    /// The DNS client: the configured upstreams, each over UDP and then TCP, with no search
+    /// domains and no hosts file (`[resolve] static` is the place for pins); or else the system's.
+    fn build(&self) -> Result<TokioAsyncResolver, std::io::Error> {
+        if self.upstream.is_empty() {
+            return TokioAsyncResolver::tokio_from_system_conf().map_err(std::io::Error::other);
+        }
+        let mut config = ResolverConfig::new();
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            for &addr in &self.upstream {
+                config.add_name_server(NameServerConfig::new(addr, protocol));
+            }
+        }
+        let mut opts = ResolverOpts::default();
+        opts.use_hosts_file = false;
+        opts.timeout = self.timeout;
+        Ok(TokioAsyncResolver::tokio(config, opts))
     }
 }

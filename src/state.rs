@@ -77,7 +77,8 @@ impl State {
     /// until `apply` puts one in. Opens the audit log.
     pub fn new(config: &Config) -> std::io::Result<Self> {
         let metrics = Metrics::new();
-        let resolver = Resolver::new(HashMap::new(), config.resolve.timeout.get_ref().0, &metrics);
+        let upstream = config.resolve.upstream.iter().map(|s| s.0).collect();
+        let resolver = Resolver::new(HashMap::new(), upstream, config.resolve.timeout.get_ref().0, &metrics);
         let audit_path = match config.audit.path.as_deref().unwrap_or("-") {
             "-" => "-".to_string(),
             p => config.relative_path(p).display().to_string(),

@@ -1,5 +1,6 @@
 //! Load and faults, bounded, on loopback: slow clients, upstreams that refuse, reset, blackhole or
-//! answer slowly, names that resolve to nothing, file descriptors and tasks after a burst, and
+//! answer slowly, names whose lookup times out, fails or finds nothing (through a DNS server of
+//! the test's own, `support::dns`), file descriptors and tasks after a burst, and
 //! byte integrity across many parallel tunnels. Each fault gets its documented status (README,
 //! "Refusals") and audit line.
 //!
@@ -525,14 +526,71 @@ async fn a_stalled_body_on_the_plain_listener_is_cut_after_the_idle_timeout() {
 
 // === DNS faults ===
 
-// A name that resolves to nothing is the one DNS fault a test can cause on loopback, through a
-// `[resolve] static` pin with no address. Not covered here: a lookup that times out
-// (`[resolve] timeout`) or fails (SERVFAIL, NXDOMAIN). Unpinned names go to the system's resolver
-// (hickory, `/etc/resolv.conf`), which has no setting to point it at a loopback server, and a
-// test must not send a query off the machine. In the code those paths end in the same
-// `Refusal::ResolveFailed` (`resolve::Resolver::resolve` → `authorize::resolve_allowed`), but
-// no test runs them. (A name whose every address is refused is `internal_address`, in
-// tests/explicit.rs.)
+// A pinned name with no address, and lookups through `[resolve] upstream` pointed at a DNS server
+// of the test's own on loopback (`support::dns`) that times out, fails or answers nothing. (A
+// name whose every address is refused is `internal_address`, in tests/explicit.rs.)
+
+/// Rules whose `*.dns.test` names are resolved by `dns` (within 1 s), allowed on `port`.
+fn dns_rules(dns: SocketAddr, port: u16) -> String {
+    format!(
+        "[resolve]\nupstream = [\"{dns}\"]\ntimeout = \"1s\"\n\
+         [[rule]]\nname = \"dns\"\naction = \"allow\"\nhosts = [\"*.dns.test\"]\nports = [{port}]\ntls_only = false\n"
+    )
+}
+
+#[tokio::test]
+async fn a_lookup_that_times_out_fails_or_finds_nothing_gets_its_status_and_line_and_nothing_is_dialled() {
+    let _shared = GATE.read().await;
+    let dns = support::dns::DnsServer::start().await;
+    let origin = HostOrigin::start().await;
+    let port = origin.addr.port();
+    let proxy = TestProxy::start(&rules(port, &dns_rules(dns.addr, port))).await;
+    let cases = [
+        ("ok.dns.test", "HTTP/1.1 200 Connection established", None),
+        ("slow.dns.test", "HTTP/1.1 504 Gateway Timeout", Some("resolve_timeout")),
+        ("fail.dns.test", "HTTP/1.1 502 Bad Gateway", Some("resolve_failed")),
+        ("nothing.dns.test", "HTTP/1.1 502 Bad Gateway", Some("resolve_failed")),
+        ("missing.dns.test", "HTTP/1.1 502 Bad Gateway", Some("resolve_failed")),
+    ];
+    for (name, want_status, want_reason) in cases {
+        for req in [connect(name, port), get(name, port, "/")] {
+            let began = Instant::now();
+            // An open tunnel and a kept-alive response do not end by themselves: read for a while.
+            let limit = if want_reason.is_none() { Duration::from_millis(500) } else { WAIT };
+            let (resp, _) = raw_exchange(proxy.addr, req.as_bytes(), limit).await;
+            let (status, reason) = status_and_reason(&resp);
+            if want_reason.is_none() {
+                // The lookup works: CONNECT is established, and the forwarded GET is served.
+                let served = status.starts_with("HTTP/1.1 200");
+                assert!(served, "{req}: {}", String::from_utf8_lossy(&resp));
+                continue;
+            }
+            assert_eq!((status.as_str(), reason.as_deref()), (want_status, want_reason), "{req}");
+            let took = began.elapsed();
+            assert!(took < Duration::from_secs(3), "{req}: answered after {took:?}, past [resolve] timeout");
+        }
+    }
+    let lines = proxy.audit_at_least(2 * 5 + 2).await;
+    let refusals: Vec<_> = summary(&lines).into_iter().filter(|l| l.1 == "fail").collect();
+    let fail = |reason: &str, host: &str| vec![line("decision", "fail", reason, host); 2];
+    let want = [
+        fail("resolve_timeout", "slow.dns.test"),
+        fail("resolve_failed", "fail.dns.test"),
+        fail("resolve_failed", "nothing.dns.test"),
+        fail("resolve_failed", "missing.dns.test"),
+    ]
+    .concat();
+    assert_eq!(refusals, want);
+    assert_eq!(origin.hosts().len(), 1, "only the name that resolved reached the origin (the GET)");
+
+    // A name no rule allows is refused before any question is asked: the question itself could
+    // carry data out.
+    let (resp, _) = raw_exchange(proxy.addr, connect("leak.evil.test", port).as_bytes(), WAIT).await;
+    assert_eq!(status_and_reason(&resp).1.as_deref(), Some("no_rule"));
+    let asked = dns.asked();
+    assert!(asked.iter().all(|q| q.contains(".dns.test.")), "only allowed names were asked: {asked:?}");
+    assert!(asked.iter().any(|q| q.starts_with("slow.dns.test.")), "the upstream was asked: {asked:?}");
+}
 
 #[tokio::test]
 async fn a_name_that_resolves_to_nothing_is_502_resolve_failed_on_every_listener() {

@@ -10,7 +10,7 @@ use crate::config::Mismatch;
 use crate::policy::{
     fold_mapped, Decision, DenyReason, Destination, Host, HostName, Policy, Query, RuleId, TunnelOptions,
 };
-use crate::resolve::Resolver;
+use crate::resolve::{ResolveError, Resolver};
 
 use super::refusal::Refusal;
 
@@ -137,7 +137,10 @@ async fn resolve_allowed(
     port: u16,
     client: IpAddr,
 ) -> Result<Permit, Refusal> {
-    let resolved = resolver.resolve(name).await.map_err(|_| Refusal::ResolveFailed)?;
+    let resolved = resolver.resolve(name).await.map_err(|e| match e {
+        ResolveError::Timeout => Refusal::ResolveTimeout,
+        ResolveError::NoAddress | ResolveError::NoResolver => Refusal::ResolveFailed,
+    })?;
     let mut addrs = Vec::with_capacity(resolved.len());
     let mut first_refusal = None;
     for ip in resolved {

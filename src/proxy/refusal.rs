@@ -23,8 +23,10 @@ pub enum Refusal {
     HeadTimeout,
     /// The proxy is at its connection limit, overall or for this client.
     ConnectionLimit,
-    /// The name does not resolve.
+    /// The name does not resolve: no address, NXDOMAIN, SERVFAIL, or no resolver.
     ResolveFailed,
+    /// No resolver answered within `[resolve] timeout`.
+    ResolveTimeout,
     /// Every address refused the connection or was unreachable.
     UpstreamUnreachable,
     /// No address answered within the connect timeout.
@@ -52,7 +54,7 @@ impl Refusal {
             Self::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectionLimit | Self::AuditUnavailable | Self::LocalResources => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResolveFailed | Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout | Self::ResolveTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -64,6 +66,7 @@ impl Refusal {
             Self::HeadTimeout => "request_head_timeout",
             Self::ConnectionLimit => "connection_limit",
             Self::ResolveFailed => "resolve_failed",
+            Self::ResolveTimeout => "resolve_timeout",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamProtocol => "upstream_protocol_error",
@@ -89,6 +92,7 @@ impl Refusal {
             // The client left mid-way: what was under way may have reached the upstream, so the
             // line says `fail` rather than claim a refusal.
             Self::ResolveFailed
+            | Self::ResolveTimeout
             | Self::UpstreamUnreachable
             | Self::UpstreamTimeout
             | Self::UpstreamProtocol
@@ -159,6 +163,7 @@ mod tests {
             (Refusal::AuditUnavailable, 503, "audit_unavailable"),
             (Refusal::LocalResources, 503, "local_resources"),
             (Refusal::ResolveFailed, 502, "resolve_failed"),
+            (Refusal::ResolveTimeout, 504, "resolve_timeout"),
             (Refusal::UpstreamUnreachable, 502, "upstream_unreachable"),
             (Refusal::UpstreamTimeout, 504, "upstream_timeout"),
         ];

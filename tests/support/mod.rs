@@ -3,6 +3,7 @@
 //! on loopback; names reach the origins through `[resolve] static`.
 #![allow(dead_code, clippy::disallowed_methods)]
 
+pub mod dns;
 pub mod origins;
 
 use std::convert::Infallible;
