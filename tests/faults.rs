@@ -634,11 +634,12 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// `refused` CONNECTs to a name no rule allows (403) and `allowed` tunnels to the echo origin
-/// (opened, used, closed), 50 at a time.
-async fn burst(proxy: SocketAddr, port: u16, refused: usize, allowed: usize) {
+/// `refused` CONNECTs to a name no rule allows (403), `allowed` tunnels to the echo origin
+/// (opened, used, closed), and `dns_faults` CONNECTs to names whose lookup times out, fails or
+/// finds nothing (502/504), 50 at a time.
+async fn burst(proxy: SocketAddr, port: u16, refused: usize, allowed: usize, dns_faults: usize) {
     let mut jobs = tokio::task::JoinSet::new();
-    for i in 0..refused + allowed {
+    for i in 0..refused + allowed + dns_faults {
         if jobs.len() >= 50 {
             jobs.join_next().await.unwrap().unwrap();
         }
@@ -646,8 +647,13 @@ async fn burst(proxy: SocketAddr, port: u16, refused: usize, allowed: usize) {
             if i < refused {
                 let (resp, ending) = raw_exchange(proxy, connect("nobody.test", port).as_bytes(), WAIT).await;
                 assert!(resp.starts_with(b"HTTP/1.1 403 ") && ending == Ending::Eof);
-            } else {
+            } else if i < refused + allowed {
                 drop(tunnel_from(proxy, None, port).await);
+            } else {
+                let name = ["fail.dns.test", "nothing.dns.test", "slow.dns.test", "missing.dns.test"][i % 4];
+                let (resp, ending) = raw_exchange(proxy, connect(name, port).as_bytes(), WAIT).await;
+                let refused = resp.starts_with(b"HTTP/1.1 502 ") || resp.starts_with(b"HTTP/1.1 504 ");
+                assert!(refused && ending == Ending::Eof, "{name}: {}", String::from_utf8_lossy(&resp));
             }
         });
     }
@@ -657,24 +663,25 @@ async fn burst(proxy: SocketAddr, port: u16, refused: usize, allowed: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_short_connections_leaves_no_fd_task_or_open_tunnel_behind() {
+async fn a_burst_of_short_connections_and_failed_lookups_leaves_no_fd_task_or_open_tunnel_behind() {
     // Alone in the process: every other test here waits, so the fd count is this test's own.
     let _alone = GATE.write().await;
     let echo = echo_origin().await;
     let port = echo.port();
-    let proxy = TestProxy::start(&rules(port, "")).await;
+    let dns = support::dns::DnsServer::start().await;
+    let proxy = TestProxy::start(&rules(port, &dns_rules(dns.addr, port))).await;
     let runtime = tokio::runtime::Handle::current().metrics();
     // A first, small burst, so that whatever the runtime or the proxy opens once and keeps
     // (the blocking pool, pipes, buffers) is in the baseline.
-    burst(proxy.addr, port, 20, 20).await;
-    let idle = proxy.audit_at_least(20 + 2 * 20).await.len();
-    assert_eq!(idle, 60);
+    burst(proxy.addr, port, 20, 20, 20).await;
+    let idle = proxy.audit_at_least(20 + 2 * 20 + 20).await.len();
+    assert_eq!(idle, 80);
     // The warm-up's connections close asynchronously (echo tasks, close lines): let them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (fds, tasks) = (open_fds(), runtime.num_alive_tasks());
 
-    burst(proxy.addr, port, 200, 200).await;
-    let lines = proxy.audit_at_least(60 + 200 + 2 * 200).await;
+    burst(proxy.addr, port, 200, 200, 100).await;
+    let lines = proxy.audit_at_least(80 + 200 + 2 * 200 + 100).await;
     // Slack for descriptors the process may hold for a moment apart from the proxy's: the test
     // harness's own output capture, the runtime's timer and I/O driver registrations. The
     // connections themselves must all be gone: 400 of them would be 1,000+ descriptors.
@@ -690,14 +697,16 @@ async fn a_burst_of_short_connections_leaves_no_fd_task_or_open_tunnel_behind() 
     assert!(fds_after <= fds + SLACK, "{fds} descriptors before the burst, {fds_after} after");
     assert!(tasks_after <= tasks, "{tasks} tasks before the burst, {tasks_after} after");
 
-    let burst_lines = summary(&lines[60..]);
+    let burst_lines = summary(&lines[80..]);
     let count = |want: (&str, &str, &str, &str)| {
         burst_lines.iter().filter(|l| **l == line(want.0, want.1, want.2, want.3)).count()
     };
     assert_eq!(count(("decision", "deny", "no_rule", "nobody.test")), 200);
     assert_eq!(count(("decision", "allow", "-", "ok.test")), 200);
     assert_eq!(count(("close", "-", "-", "ok.test")), 200);
-    assert_eq!(burst_lines.len(), 600);
+    assert_eq!(count(("decision", "fail", "resolve_timeout", "slow.dns.test")), 25);
+    assert_eq!(burst_lines.iter().filter(|l| l.2 == "resolve_failed").count(), 75);
+    assert_eq!(burst_lines.len(), 700);
     let metrics = admin_get(proxy.admin_addr, "/metrics").await;
     assert_eq!(sample(&metrics, "egress_proxy_open_tunnels{listener=\"http\"}"), Some(0.0), "{metrics}");
     assert_eq!(
