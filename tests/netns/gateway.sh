@@ -22,6 +22,7 @@ ns client ip -6 addr add fd77:1::2/64 dev c0 nodad; ns client ip -6 route add de
 ns gw ip -6 addr add fd77:1::1/64 dev g0 nodad; ns gw ip -6 addr add fd77:2::1/64 dev g1 nodad
 ns gw sysctl -q -w net.ipv6.conf.all.forwarding=1
 ns origin ip -6 addr add fd77:2::2/64 dev o0 nodad; ns origin ip -6 addr add fd77:2::3/64 dev o0 nodad
+ns origin ip -6 addr add fd77:2::4/64 dev o0 nodad
 ns origin ip -6 route add default via fd77:2::1
 
 origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
@@ -30,6 +31,9 @@ origin tcp 10.77.2.3 22 "$work/reached"
 origin https fd77:2::2 443 "$work/cert.pem" "$work/key.pem" A6 "$work/big"
 origin tcp fd77:2::3 22 "$work/reached"
 origin udp 10.77.2.2 443 "$work/reached"
+# A UDP rule's addresses become nft sets, one per family: fd77:2::4 is in the v6 set, fd77:2::3 is not.
+origin udp fd77:2::4 5000 "$work/udp6-allowed"
+origin udp fd77:2::3 5000 "$work/udp6-other"
 
 config() { # config MISMATCH
   cat > "$work/policy.toml" <<TOML
@@ -51,6 +55,12 @@ name = "azureml"
 action = "allow"
 hosts = ["ml.azure.com"]
 ports = [443]
+[[rule]]
+name = "udp-v6"
+action = "allow"
+protocol = "udp"
+cidrs = ["fd77:2::4/128"]
+ports = [5000]
 TOML
 }
 start_proxy() {
@@ -89,6 +99,12 @@ check "IPv6: port 22 is audited with its original destination" audit_has '"reaso
 ns client bash -c 'echo quic > /dev/udp/10.77.2.2/443' || true
 sleep 0.5
 check "neither port 22 nor UDP 443 reached the origin" [ ! -s "$work/reached" ]
+for _ in 1 2 3; do
+  ns client bash -c 'echo allowed > /dev/udp/fd77:2::4/5000; echo other > /dev/udp/fd77:2::3/5000' || true
+done
+sleep 0.5
+check "IPv6: UDP to an address in the rule's v6 nft set passes" [ -s "$work/udp6-allowed" ]
+check "IPv6: UDP to an address not in it is dropped" [ ! -s "$work/udp6-other" ]
 
 kill "$proxy"; wait "$proxy" 2>/dev/null || true
 config deny
