@@ -38,13 +38,14 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 }
 
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
-async fn tunnel(req: Request<Incoming>, cx: &ConnCx, conn: Conn, dest: Destination, upstream: Upstream) {
+async fn tunnel(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest: Destination, upstream: Upstream) {
     let (client, prefix, hello) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
         Ok(opened) => opened,
         Err(refusal) => return conn.refused(&refusal),
     };
+    drop(dest);
     // A refused second hello is closed cleanly, like every refusal inside a CONNECT tunnel.
-    let _ = tunnel_tls(cx, conn, client, upstream, hello.as_ref(), &prefix).await;
+    let _ = tunnel_tls(cx, conn, client, upstream, hello, prefix).await;
 }
 
 /// The client's socket once hyper hands it over, and the tunnel's first bytes, checked: a

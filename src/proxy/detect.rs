@@ -87,10 +87,12 @@ pub async fn detect<D: Detect>(
                 if r.is_err() {
                     break Stop::Error;
                 }
-                let mut chunk = [0u8; READ_CHUNK];
-                match stream.try_read(&mut chunk) {
+                // Read into the buffer's own spare room: an array here would sit in the state of
+                // every connection's future, tunnels included, for their whole life.
+                buf.reserve(READ_CHUNK.min(limit.saturating_sub(buf.len())).max(1));
+                match stream.try_read_buf(&mut buf) {
                     Ok(0) => break Stop::Eof,
-                    Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => break Stop::Error,
                 }

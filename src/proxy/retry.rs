@@ -8,6 +8,7 @@
 //! listener: the allow line, the retry followed, then the tunnel.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -27,13 +28,17 @@ use super::tunnel::tunnel_tcp;
 /// The allow line, then, for a TLS hello, `follow_retry`, then the tunnel with what is left of
 /// `prefix` replayed first. `Err` hands the client's socket back when the second hello was
 /// refused (the close line says why), for the listener to close it its own way.
+///
+/// The tunnel runs as a task of its own, which holds only what a tunnel needs: the task that
+/// read, decided and dialled ends here, and the memory of its larger state with it. An idle
+/// tunnel costs what its own small future costs, for as long as it stays open.
 pub async fn tunnel_tls(
-    cx: &ConnCx,
+    cx: &Arc<ConnCx>,
     conn: Conn,
     mut client: TcpStream,
     upstream: Upstream,
-    hello: Option<&ClientHello>,
-    prefix: &[u8],
+    hello: Option<ClientHello>,
+    prefix: Vec<u8>,
 ) -> Result<(), TcpStream> {
     let Upstream { stream: mut upstream, to } = upstream;
     let close = conn.allowed(to, Meter::new());
@@ -42,16 +47,20 @@ pub async fn tunnel_tls(
     if let Some(hello) = hello {
         let wait = limits.request_head_timeout;
         if let Err(refusal) =
-            follow_retry(&mut client, &mut upstream, hello, prefix, to.grant.tunnel, close.meter(), wait).await
+            follow_retry(&mut client, &mut upstream, &hello, &rest, to.grant.tunnel, close.meter(), wait).await
         {
             close.failed(&refusal.with_rule(to.grant.rule));
             return Err(client);
         }
-        rest = b"";
+        // Sent: the tunnel carries the rest, and holds neither the hello nor its bytes.
+        rest = Vec::new();
     }
-    let (pipes, meter, stop) = (&cx.state.pipes, close.meter(), cx.stop.clone());
-    let end = tunnel_tcp(client, upstream, rest, pipes, meter, limits.idle_timeout, stop).await;
-    tracing::debug!(id = close.id(), ?end, "Tunnel closed");
+    let (task_cx, idle) = (Arc::clone(cx), limits.idle_timeout);
+    cx.tracker.spawn(async move {
+        let (pipes, meter, stop) = (&task_cx.state.pipes, close.meter(), task_cx.stop.clone());
+        let end = tunnel_tcp(client, upstream, rest, pipes, meter, idle, stop).await;
+        tracing::debug!(id = close.id(), ?end, "Tunnel closed");
+    });
     Ok(())
 }
 
@@ -96,7 +105,6 @@ struct ServerFirstFlight {
 async fn server_first(client: &TcpStream, upstream: &TcpStream, wait: Duration) -> Result<ServerFirstFlight, Refusal> {
     let deadline = tokio::time::Instant::now() + wait;
     let (mut bytes, mut held, mut client_done) = (Vec::new(), Vec::new(), false);
-    let mut chunk = [0u8; READ_CHUNK];
     loop {
         match classify(&bytes) {
             First::NeedMore if bytes.len() < SERVER_FIRST_LIMIT => {}
@@ -106,24 +114,26 @@ async fn server_first(client: &TcpStream, upstream: &TcpStream, wait: Duration) 
         tokio::select! {
             r = upstream.readable() => {
                 r.map_err(|_| Refusal::UpstreamUnreachable)?;
-                match upstream.try_read(&mut chunk) {
+                bytes.reserve(READ_CHUNK);
+                match upstream.try_read_buf(&mut bytes) {
                     // The server closed: nothing more to follow.
                     Ok(0) => return Ok(ServerFirstFlight { bytes, retry: false, held }),
-                    Ok(n) => bytes.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(Refusal::UpstreamUnreachable),
                 }
             }
             r = client.readable(), if !client_done && held.len() < tls::MAX_HELLO_BYTES => {
                 r.map_err(|_| Refusal::ClientGone)?;
-                match client.try_read(&mut chunk) {
+                held.reserve(READ_CHUNK);
+                match client.try_read_buf(&mut held) {
                     Ok(0) => {
                         client_done = true;
                         if held.is_empty() {
                             let _ = socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
                         }
                     }
-                    Ok(n) => held.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(Refusal::ClientGone),
                 }

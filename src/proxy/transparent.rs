@@ -98,7 +98,8 @@ async fn serve_tls(stream: TcpStream, original_dst: SocketAddr, cx: Arc<ConnCx>)
         Ok(u) => u,
         Err(refusal) => return refuse(conn, &refusal, stream),
     };
-    if let Err(stream) = tunnel_tls(&cx, conn, stream, upstream, Some(&hello), &prefix).await {
+    drop(permit);
+    if let Err(stream) = tunnel_tls(&cx, conn, stream, upstream, Some(hello), prefix).await {
         reset(stream);
     }
 }

@@ -13,6 +13,7 @@ mod splice;
 
 use std::future::Future;
 use std::ops::ControlFlow;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,23 +55,30 @@ impl From<std::io::Error> for Halted {
 
 /// Replays `prefix` to the upstream, then carries bytes between two TCP sockets until both
 /// directions end, one fails, nothing moves for `idle`, the meter cuts, or `stop` is cancelled.
-/// Splices in the kernel through `pipes` when the pool has one to give.
-pub async fn tunnel_tcp(
+/// Splices in the kernel through `pipes` when the pool has one to give. The prefix is freed once
+/// replayed: a tunnel that waits holds no buffer.
+///
+/// A plain function returning an `async move` block rather than an `async fn`: an `async fn`
+/// keeps a second copy of its arguments in its state, and every idle tunnel would carry it.
+pub fn tunnel_tcp<'a>(
     client: TcpStream,
     mut upstream: TcpStream,
-    prefix: &[u8],
-    pipes: &Pipes,
-    meter: &Arc<Meter>,
+    prefix: Vec<u8>,
+    pipes: &'a Pipes,
+    meter: &'a Arc<Meter>,
     idle: Duration,
     stop: CancellationToken,
-) -> End {
-    let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
-    if let Err(end) = replay(&mut upstream, prefix, &up, idle, &stop).await {
-        return end;
+) -> impl Future<Output = End> + Send + 'a {
+    async move {
+        let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
+        if let Err(end) = replay(&mut upstream, &prefix, &up, idle, &stop).await {
+            return end;
+        }
+        drop(prefix);
+        let up_half = pin!(splice_one_way(&client, &upstream, pipes, &up));
+        let down_half = pin!(splice_one_way(&upstream, &client, pipes, &down));
+        drive(up_half, down_half, meter, idle, stop).await
     }
-    let up_half = splice_one_way(&client, &upstream, pipes, &up);
-    let down_half = splice_one_way(&upstream, &client, pipes, &down);
-    drive(up_half, down_half, meter, idle, stop).await
 }
 
 /// The same as `tunnel_tcp` for any byte streams, copying through a buffer.
@@ -92,8 +100,8 @@ where
     }
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up_half = copy(&mut cr, &mut uw, &up);
-    let down_half = copy(&mut ur, &mut cw, &down);
+    let up_half = pin!(copy(&mut cr, &mut uw, &up));
+    let down_half = pin!(copy(&mut ur, &mut cw, &down));
     drive(up_half, down_half, meter, idle, stop).await
 }
 
@@ -119,10 +127,12 @@ async fn replay<U: AsyncWrite + Unpin>(
     }
 }
 
-/// Runs both directions together under the idle watchdog and the stop token.
+/// Runs both directions together under the idle watchdog and the stop token. The halves are
+/// pinned where they were made and borrowed here: moved in, each would be stored twice in the
+/// tunnel's future, which every idle tunnel holds.
 async fn drive(
-    up: impl Future<Output = Result<(), Halted>>,
-    down: impl Future<Output = Result<(), Halted>>,
+    up: Pin<&mut impl Future<Output = Result<(), Halted>>>,
+    down: Pin<&mut impl Future<Output = Result<(), Halted>>>,
     meter: &Meter,
     idle: Duration,
     stop: CancellationToken,
@@ -227,7 +237,8 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &pipes(), &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
+                .await
         });
         let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
         assert_eq!(t.await.unwrap(), End::Closed);
@@ -242,7 +253,7 @@ mod tests {
         let m = meter.clone();
         let none = Pipes::new(0, &crate::metrics::Metrics::new());
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &none, &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, Vec::new(), &none, &m, Duration::from_secs(5), CancellationToken::new()).await
         });
         let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
         assert_eq!(t.await.unwrap(), End::Closed);
@@ -257,7 +268,8 @@ mod tests {
         let pool = Arc::new(Pipes::new(8, &metrics));
         let (p, meter) = (pool.clone(), Meter::new());
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &p, &meter, Duration::from_secs(30), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, Vec::new(), &p, &meter, Duration::from_secs(30), CancellationToken::new())
+                .await
         });
         let mut got = vec![0u8; 100_000];
         client_peer.write_all(&vec![1u8; got.len()]).await.unwrap();
@@ -292,8 +304,16 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"hello ", &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
-                .await
+            tunnel_tcp(
+                client,
+                upstream,
+                b"hello ".to_vec(),
+                &pipes(),
+                &m,
+                Duration::from_secs(5),
+                CancellationToken::new(),
+            )
+            .await
         });
         let mut client_peer = client_peer;
         client_peer.write_all(b"world").await.unwrap();
@@ -313,7 +333,8 @@ mod tests {
         let meter = Meter::new();
         let m = meter.clone();
         let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, b"", &pipes(), &m, Duration::from_secs(5), CancellationToken::new()).await
+            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
+                .await
         });
         client_peer.write_all(b"first").await.unwrap();
         let mut first = [0u8; 5];
@@ -337,7 +358,7 @@ mod tests {
         let prefix = vec![0x5a; 64 * 1024 * 1024];
         let (meter, idle) = (Meter::new(), Duration::from_millis(300));
         let pool = pipes();
-        let replay = tunnel_tcp(client, upstream, &prefix, &pool, &meter, idle, CancellationToken::new());
+        let replay = tunnel_tcp(client, upstream, prefix, &pool, &meter, idle, CancellationToken::new());
         let end = tokio::time::timeout(Duration::from_secs(5), replay).await;
         assert_eq!(end, Ok(End::Idle), "cut at the idle timeout, not held");
     }
