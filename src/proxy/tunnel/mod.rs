@@ -60,6 +60,7 @@ impl From<std::io::Error> for Halted {
 ///
 /// A plain function returning an `async move` block rather than an `async fn`: an `async fn`
 /// keeps a second copy of its arguments in its state, and every idle tunnel would carry it.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn tunnel_tcp<'a>(
     client: TcpStream,
     mut upstream: TcpStream,
