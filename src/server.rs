@@ -99,7 +99,7 @@ async fn accept_http(
         match admission.admit(client.ip()) {
             Some(slot) => {
                 let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));
-                let span = tracing::info_span!("conn", client.addr = %client, listener = "http");
+                let span = tracing::debug_span!("conn", client.addr = %client, listener = "http");
                 tracker.spawn(serve_http(stream, cx, shutdown.clone()).instrument(span));
             }
             None => match admission.overflow.clone().try_acquire_owned() {
@@ -213,7 +213,7 @@ async fn accept_redirected(
         };
         let cx = Arc::new(ConnCx::new(state.clone(), client, tracker.clone(), stop.clone(), Arc::new(slot)));
         let listener = kind.listener().as_str();
-        let span = tracing::info_span!("conn", client.addr = %client, listener, dst.orig = %original_dst);
+        let span = tracing::debug_span!("conn", client.addr = %client, listener, dst.orig = %original_dst);
         tracker.spawn(transparent::serve(kind, stream, original_dst, cx).instrument(span));
     }
 }
