@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::budgets;
 use crate::descriptors;
 use crate::load::Loaded;
 use crate::refresh::Refresher;
@@ -112,6 +113,7 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     tokio::spawn(signals(term, int, shutdown.clone()));
     tokio::spawn(reload::on_sighup(reloader.clone(), hup, shutdown.clone()));
     tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
+    tokio::spawn(prune_budgets(state.clone(), shutdown.clone()));
     server::run(listeners, state.clone(), Some(reloader), shutdown).await;
     // Lines still queued are written before the process ends (a stalled sink loses them).
     if !state.audit.flush(AUDIT_FLUSH_AT_EXIT) {
@@ -127,6 +129,16 @@ async fn signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken)
         _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
     shutdown.cancel();
+}
+
+/// Forgets upload-budget windows that ran out, so that the map does not grow with every client.
+async fn prune_budgets(state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(budgets::PRUNE_EVERY) => state.budgets.prune(),
+        }
+    }
 }
 
 fn init_tracing() {

@@ -127,6 +127,25 @@ pub struct Closed<'a> {
     pub duration_ms: u64,
 }
 
+/// The moment a connection went past an upload limit of its rule: `upload_limit` (the tunnel is
+/// closed) or `upload_budget` (the client's new connections under the rule are refused until the
+/// window frees).
+#[derive(Debug, Serialize)]
+pub struct LimitCrossed<'a> {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub listener: Listener,
+    pub host: Option<&'a str>,
+    pub rule: &'a str,
+    pub reason: &'static str,
+    /// Bytes sent up: through this tunnel (`upload_limit`), or by the client in the window.
+    pub bytes_up: u64,
+    pub limit: u64,
+    /// The window of an `upload_budget`, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_s: Option<u64>,
+}
+
 #[derive(Serialize)]
 struct Line<'a, T> {
     #[serde(serialize_with = "crate::time::rfc3339")]
@@ -171,6 +190,12 @@ impl Audit {
         self.metrics.bytes.with_label_values(&[listener, "up"]).inc_by(c.bytes_up);
         self.metrics.bytes.with_label_values(&[listener, "down"]).inc_by(c.bytes_down);
         self.metrics.tunnel_duration.with_label_values(&[listener]).observe(c.duration_ms as f64 / 1000.0);
+    }
+
+    /// Writes the line of a crossed upload limit and moves its metric, at the moment it happens.
+    pub fn limit_crossed(&self, l: &LimitCrossed<'_>) {
+        self.write("limit", l);
+        self.metrics.upload_limits.with_label_values(&[l.rule, l.reason]).inc();
     }
 
     /// The most refused destinations since start, most first.

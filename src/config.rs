@@ -180,6 +180,22 @@ pub struct RuleConfig {
     /// host rule allows the name. Default: `[transparent] names`.
     #[serde(default)]
     pub names: Option<Names>,
+    /// Bytes a client may send up one tunnel (or forwarded request) allowed by this rule; past
+    /// them the tunnel is closed (`upload_limit`).
+    #[serde(default)]
+    pub max_upload_bytes: Option<Spanned<u64>>,
+    /// Bytes one client address may send up, in all, through this rule per window; past them its
+    /// new connections under the rule are refused (`upload_budget`) until the window frees.
+    #[serde(default)]
+    pub upload_budget: Option<Spanned<UploadBudget>>,
+}
+
+/// `upload_budget = { bytes = 1073741824, per = "1h" }`.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UploadBudget {
+    pub bytes: u64,
+    pub per: Seconds,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]

@@ -27,6 +27,8 @@
 //! - `state`: what every connection shares; `State::apply` is the one writer of the policy in force.
 //!   It owns the tunnels' splice-pipe pool (`proxy::tunnel::pipes`, a leaf that imports nothing
 //!   of the proxy).
+//! - `budgets`: each client's `upload_budget` window per rule, counted by the tunnels, asked by
+//!   `authorize`; keyed by rule name so that a reload keeps the count.
 //! - `descriptors`: the descriptor limit raised and checked at start; the shortage record that
 //!   refuses with `local_resources`, backs off accepts and makes `/readyz` not ready.
 //! - `resolve`: `[resolve] static` pins, then DNS (hickory); returns every address.
@@ -54,6 +56,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod budgets;
 pub mod cli;
 pub mod config;
 pub mod denied;

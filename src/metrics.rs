@@ -19,6 +19,7 @@
 //! | `egress_proxy_splice_pipes_in_use` | gauge | |
 //! | `egress_proxy_splice_pipe_fallbacks_total` | counter | |
 //! | `egress_proxy_descriptor_shortages_total` | counter | `at` (accept/dial) |
+//! | `egress_proxy_upload_limits_total` | counter | `rule`, `limit` (upload_limit/upload_budget) |
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -47,6 +48,7 @@ pub struct Metrics {
     pub pipes_in_use: IntGauge,
     pub pipe_fallbacks: IntCounter,
     pub descriptor_shortages: IntCounterVec,
+    pub upload_limits: IntCounterVec,
 }
 
 impl Metrics {
@@ -139,6 +141,11 @@ impl Metrics {
             pipe_fallbacks: counter(
                 "egress_proxy_splice_pipe_fallbacks_total",
                 "Bursts copied through a buffer because no splice pipe was free ([limits] max_pipes).",
+            ),
+            upload_limits: counter_vec(
+                "egress_proxy_upload_limits_total",
+                "Tunnels cut at max_upload_bytes (upload_limit) and clients that went past their upload_budget.",
+                &["rule", "limit"],
             ),
             descriptor_shortages: counter_vec(
                 "egress_proxy_descriptor_shortages_total",

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::audit::Audit;
+use crate::budgets::Budgets;
 use crate::config::{self, Config};
 use crate::descriptors::Shortage;
 use crate::load::Loaded;
@@ -38,6 +39,8 @@ pub struct State {
     pub admin_token_file: Option<PathBuf>,
     /// The splice pipes every tunnel borrows from while bytes flow.
     pub pipes: Pipes,
+    /// What each client has sent up through each rule with an `upload_budget`. Outlives reloads.
+    pub budgets: Budgets,
     /// When the proxy last ran out of descriptors.
     pub shortage: Shortage,
     /// Every configured listener is bound and accepting.
@@ -90,6 +93,7 @@ impl State {
             resolver,
             audit,
             pipes: Pipes::new(*config.limits.max_pipes.get_ref(), &metrics),
+            budgets: Budgets::default(),
             shortage: Shortage::new(metrics.descriptor_shortages.clone()),
             metrics,
             limits: Limits::from(&config.limits),

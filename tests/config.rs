@@ -106,3 +106,23 @@ fn absurd_durations_are_refused_on_their_line() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!((errs[0].line, errs[0].field.as_str()), (3, "limits.connect_timeout"));
 }
+
+#[test]
+fn upload_limits_of_zero_are_refused_on_their_field() {
+    let text = "[[rule]]\nname = \"u\"\naction = \"allow\"\nhosts = [\"a.example\"]\nmax_upload_bytes = 0\n\
+                upload_budget = { bytes = 0, per = \"1h\" }\n";
+    let config = Config::from_str(text, Origin::File("p.toml".into())).unwrap();
+    let errs = egress_proxy::policy::compile(&config, &Default::default()).unwrap_err().0;
+    let fields: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(fields, [(5, "rule[0] \"u\".max_upload_bytes"), (6, "rule[0] \"u\".upload_budget")]);
+    let ok = "[[rule]]\nname = \"u\"\naction = \"allow\"\nhosts = [\"a.example\"]\nmax_upload_bytes = 10\n\
+              upload_budget = { bytes = 100, per = \"1h\" }\n";
+    let compiled = egress_proxy::policy::compile(
+        &Config::from_str(ok, Origin::File("p.toml".into())).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let rule = &compiled.policy.rules()[0];
+    assert_eq!(rule.max_upload, Some(10));
+    assert_eq!(rule.upload_budget.map(|b| (b.bytes, b.per.as_secs())), Some((100, 3600)));
+}

@@ -12,7 +12,7 @@ use super::names::{NameIndex, Pattern};
 use super::nets::RangeIndex;
 use super::safety::Safety;
 use super::service_tags::TagTable;
-use super::{Policy, PortSet, Rule};
+use super::{Policy, PortSet, Rule, UploadBudget};
 use crate::config::{Action, Config, ConfigError, ConfigErrors, Names, PortRange, RuleConfig, Seconds, Source};
 
 /// A policy and what the operator should know about it.
@@ -222,8 +222,18 @@ impl Cx<'_> {
             allow_ech,
             tls_only,
             names,
+            max_upload_bytes,
+            upload_budget,
         } = rc;
         let before = self.errors.len();
+        if let Some(max) = max_upload_bytes.as_ref().filter(|m| *m.get_ref() == 0) {
+            let why = "0 would close every tunnel at its first byte: leave it out for no limit";
+            self.error(max.span(), &format!("{label}.max_upload_bytes"), why.into());
+        }
+        if let Some(b) = upload_budget.as_ref().filter(|b| b.get_ref().bytes == 0 || b.get_ref().per.0.is_zero()) {
+            let why = format!("bytes and per must both be more than 0 (got {:?})", b.get_ref());
+            self.error(b.span(), &format!("{label}.upload_budget"), why);
+        }
 
         let mut patterns = Vec::new();
         let mut storage_open = false;
@@ -318,6 +328,10 @@ impl Cx<'_> {
             allow_ech: *allow_ech,
             tls_only: *tls_only,
             names_listed: names.unwrap_or(self.names) == Names::Listed,
+            max_upload: max_upload_bytes.as_ref().map(|m| *m.get_ref()),
+            upload_budget: upload_budget
+                .as_ref()
+                .map(|b| UploadBudget { bytes: b.get_ref().bytes, per: b.get_ref().per.0 }),
         })
     }
 

@@ -61,10 +61,14 @@ pub enum DenyReason {
     SniMismatch,
     /// A rule matched the host and port but not the client's address.
     SourceNotAllowed,
+    /// The client has sent its `upload_budget` through the rule in this window.
+    UploadBudget,
+    /// A tunnel carried the rule's `max_upload_bytes` up, and was closed.
+    UploadLimit,
 }
 
 impl DenyReason {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::AddressNotAllowed,
         Self::DeniedByRule,
         Self::EchPresent,
@@ -75,6 +79,8 @@ impl DenyReason {
         Self::PortNotAllowed,
         Self::SniMismatch,
         Self::SourceNotAllowed,
+        Self::UploadBudget,
+        Self::UploadLimit,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -89,6 +95,8 @@ impl DenyReason {
             Self::PortNotAllowed => "port_not_allowed",
             Self::SniMismatch => "sni_mismatch",
             Self::SourceNotAllowed => "source_not_allowed",
+            Self::UploadBudget => "upload_budget",
+            Self::UploadLimit => "upload_limit",
         }
     }
 }

@@ -75,6 +75,17 @@ pub struct Rule {
     /// `names = "listed"`: a connection that carries a server name passes this rule by its address
     /// only if a host rule allows the name.
     pub names_listed: bool,
+    /// `max_upload_bytes`: bytes one tunnel may carry up.
+    pub max_upload: Option<u64>,
+    /// `upload_budget`: bytes one client may send up through this rule per window.
+    pub upload_budget: Option<UploadBudget>,
+}
+
+/// Bytes one client address may send up through a rule, per window.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct UploadBudget {
+    pub bytes: u64,
+    pub per: std::time::Duration,
 }
 
 /// What a rule says about the bytes of a tunnel it allows. Read once, when the rule is chosen, and
@@ -89,11 +100,22 @@ pub struct TunnelOptions {
     pub tls_only: bool,
     /// A server name in the tunnel must be allowed by a host rule (`names = "listed"`).
     pub names_listed: bool,
+    /// Bytes the tunnel may carry up (`max_upload_bytes`).
+    pub max_upload: Option<u64>,
+    /// What the client may send up through the rule per window (`upload_budget`).
+    pub upload_budget: Option<UploadBudget>,
 }
 
 impl TunnelOptions {
     /// The defaults of a rule that says nothing: every check on.
-    pub const STRICT: Self = Self { sni_check: true, allow_ech: false, tls_only: true, names_listed: true };
+    pub const STRICT: Self = Self {
+        sni_check: true,
+        allow_ech: false,
+        tls_only: true,
+        names_listed: true,
+        max_upload: None,
+        upload_budget: None,
+    };
 }
 
 impl Rule {
@@ -103,6 +125,8 @@ impl Rule {
             allow_ech: self.allow_ech,
             tls_only: self.tls_only,
             names_listed: self.names_listed,
+            max_upload: self.max_upload,
+            upload_budget: self.upload_budget,
         }
     }
 }

@@ -14,15 +14,16 @@ use http::Method;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{Closed, Decided, Listener, Verdict};
+use crate::audit::{Closed, Decided, LimitCrossed, Listener, Verdict};
+use crate::budgets::Crossed;
 use crate::descriptors::At;
-use crate::policy::{Decision, Destination, HostName, Policy, Query, RuleId};
+use crate::policy::{Decision, DenyReason, Destination, HostName, Policy, Query, RuleId};
 use crate::state::State;
 
 use super::authorize::{authorize, authorize_redirected, Permit, Redirected};
 use super::dial::{dial, DialError, Dialled, Upstream};
 use super::refusal::Refusal;
-use super::tunnel::meter::Meter;
+use super::tunnel::meter::{Meter, OnCrossed, UpLimits};
 
 /// What every request on one accepted client connection shares.
 pub struct ConnCx {
@@ -123,7 +124,9 @@ impl Conn {
     /// Decides a destination the client named (explicit listener).
     pub async fn authorize(&self, dest: &Destination) -> Result<Permit, Refusal> {
         self.audit_available()?;
-        authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await
+        let permit = authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await?;
+        self.within_budget(&permit)?;
+        Ok(permit)
     }
 
     /// Decides a redirected connection on the name it carries and its original destination.
@@ -131,7 +134,22 @@ impl Conn {
         self.audit_available()?;
         let original_dst = self.original_dst.ok_or(Refusal::NoOriginalDst)?;
         let r = Redirected { name, original_dst, client: self.client.ip() };
-        authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await
+        let permit = authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await?;
+        self.within_budget(&permit)?;
+        Ok(permit)
+    }
+
+    /// A client that has sent its `upload_budget` through a rule in this window gets no new
+    /// connection under that rule (`upload_budget`) until the window frees.
+    fn within_budget(&self, permit: &Permit) -> Result<(), Refusal> {
+        for (_, grant) in permit.addrs() {
+            let Some(budget) = grant.tunnel.upload_budget else { continue };
+            let rule = self.policy.rule_name(grant.rule);
+            if self.state.budgets.exhausted(rule, self.client.ip(), budget) {
+                return Err(Refusal::Policy { reason: DenyReason::UploadBudget, rule: Some(grant.rule) });
+            }
+        }
+        Ok(())
     }
 
     /// Decides a server name met inside a tunnel that was allowed by address (`names = "listed"`):
@@ -184,7 +202,39 @@ impl Conn {
     /// the connection's bytes (it may already have counted a request body).
     pub fn allowed(mut self, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
         self.decided(Outcome::Allowed(to));
+        self.limit_uploads(&to, &meter);
         CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter }
+    }
+
+    /// Puts the rule's upload limits on the meter: `max_upload_bytes` cuts the connection, and
+    /// every byte up counts against the client's `upload_budget` window, whose crossing is
+    /// audited and counted at the moment it happens.
+    fn limit_uploads(&self, to: &Dialled, meter: &Meter) {
+        let opts = to.grant.tunnel;
+        if opts.max_upload.is_none() && opts.upload_budget.is_none() {
+            return;
+        }
+        let rule = self.policy.rule_name(to.grant.rule);
+        let budget = opts.upload_budget.map(|budget| {
+            let window = self.state.budgets.window(rule, self.client.ip(), budget);
+            let (state, rule) = (Arc::clone(&self.state), rule.to_string());
+            let (id, client, listener, host) = (self.id, self.client, self.listener, self.host.clone());
+            let report = move |crossed: Crossed| {
+                state.audit.limit_crossed(&LimitCrossed {
+                    id,
+                    client,
+                    listener,
+                    host: host.as_deref(),
+                    rule: &rule,
+                    reason: DenyReason::UploadBudget.as_str(),
+                    bytes_up: crossed.used,
+                    limit: crossed.budget.bytes,
+                    per_s: Some(crossed.budget.per.as_secs()),
+                });
+            };
+            (window, Box::new(report) as OnCrossed)
+        });
+        meter.limit_up(UpLimits { max: opts.max_upload, budget });
     }
 
     /// The one writer of this connection's decision line.
@@ -251,6 +301,30 @@ impl CloseRecord {
     /// upstream cut, or let go idle).
     pub fn mark_failed(&mut self, refusal: &Refusal) {
         self.failed.get_or_insert(refusal.reason());
+    }
+
+    /// If the meter cut the connection at `max_upload_bytes`: the close line says
+    /// `upload_limit`, and a `limit` line and the metric record the moment. True when it did.
+    pub fn check_upload_limit(&mut self) -> bool {
+        if !self.meter.over_limit() {
+            return false;
+        }
+        let c = &self.conn;
+        let rule = c.policy.rule_name(self.rule);
+        let limit = c.policy.rule(self.rule).and_then(|r| r.max_upload).unwrap_or_default();
+        c.state.audit.limit_crossed(&LimitCrossed {
+            id: c.id,
+            client: c.client,
+            listener: c.listener,
+            host: c.host.as_deref(),
+            rule,
+            reason: DenyReason::UploadLimit.as_str(),
+            bytes_up: self.meter.bytes().0,
+            limit,
+            per_s: None,
+        });
+        self.mark_failed(&Refusal::Policy { reason: DenyReason::UploadLimit, rule: Some(self.rule) });
+        true
     }
 }
 

@@ -23,6 +23,7 @@ use super::conn::CloseRecord;
 use super::conn::{Conn, ConnCx};
 use super::refusal::Refusal;
 use super::tunnel::meter::{Direction, Flow, Meter};
+use crate::policy::DenyReason;
 
 /// Forwards one request, already authorized, to an address of `permit`, with `authority` as its
 /// Host. The allow line is written once the upstream is connected, before the first byte of the
@@ -53,6 +54,12 @@ pub async fn forward(
             Response::from_parts(parts, body)
         }
         Err(refusal) => {
+            let mut close = close;
+            // A request body cut at `max_upload_bytes` is refused as such, not as the upstream's fault.
+            let refusal = match close.check_upload_limit() {
+                true => Refusal::Policy { reason: DenyReason::UploadLimit, rule: Some(upstream.to.grant.rule) },
+                false => refusal,
+            };
             close.failed(&refusal);
             refusal.response()
         }

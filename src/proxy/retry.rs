@@ -57,8 +57,10 @@ pub async fn tunnel_tls(
     }
     let (task_cx, idle) = (Arc::clone(cx), limits.idle_timeout);
     cx.tracker.spawn(async move {
+        let mut close = close;
         let (pipes, meter, stop) = (&task_cx.state.pipes, close.meter(), task_cx.stop.clone());
         let end = tunnel_tcp(client, upstream, rest, pipes, meter, idle, stop).await;
+        close.check_upload_limit();
         tracing::debug!(id = close.id(), ?end, "Tunnel closed");
     });
     Ok(())

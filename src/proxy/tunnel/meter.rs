@@ -6,11 +6,13 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::budgets::{Crossed, Window};
 
 /// Byte counts and the time of the last byte, for one connection.
 #[derive(Debug)]
@@ -21,8 +23,31 @@ pub struct Meter {
     up: AtomicU64,
     down: AtomicU64,
     cut: AtomicBool,
+    /// The meter was cut because the upload limit was reached.
+    over_limit: AtomicBool,
     /// Wakes a tunnel that waits for bytes when the meter is cut.
     cut_signal: Notify,
+    /// What the rule that allowed the connection lets the client send up; set once, when it is
+    /// allowed.
+    up_limits: OnceLock<UpLimits>,
+}
+
+/// The rule's upload limits, as the meter applies them to bytes going up.
+pub struct UpLimits {
+    /// `max_upload_bytes`: past it, the meter cuts.
+    pub max: Option<u64>,
+    /// The client's `upload_budget` window under the rule, and what to do when a chunk takes the
+    /// client past it (write the audit line, move the metric).
+    pub budget: Option<(Arc<Window>, OnCrossed)>,
+}
+
+/// What to do when a chunk takes the client past its budget.
+pub type OnCrossed = Box<dyn Fn(Crossed) + Send + Sync>;
+
+impl std::fmt::Debug for UpLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpLimits").field("max", &self.max).field("budget", &self.budget.is_some()).finish()
+    }
 }
 
 /// Which way bytes move.
@@ -55,8 +80,20 @@ impl Meter {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             cut: AtomicBool::new(false),
+            over_limit: AtomicBool::new(false),
             cut_signal: Notify::new(),
+            up_limits: OnceLock::new(),
         })
+    }
+
+    /// Applies the rule's upload limits from now on (once; later calls are ignored).
+    pub fn limit_up(&self, limits: UpLimits) {
+        let _ = self.up_limits.set(limits);
+    }
+
+    /// Whether the meter was cut at the upload limit.
+    pub fn over_limit(&self) -> bool {
+        self.over_limit.load(Ordering::Relaxed)
     }
 
     pub fn flow(self: &Arc<Self>, direction: Direction) -> Flow {
@@ -107,20 +144,51 @@ impl Meter {
 
 impl Flow {
     /// Asks to write `n` bytes this way. `Continue`: write them, they are counted. `Break`: the
-    /// meter is cut; write nothing, and stop.
+    /// meter is cut (or these bytes would take the upload past its limit, which cuts it); write
+    /// nothing, and stop.
     pub fn pass(&self, n: usize) -> ControlFlow<Cut> {
         let m = &self.meter;
         if m.cut.load(Ordering::Relaxed) {
             return ControlFlow::Break(Cut);
         }
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
         let count = match self.direction {
-            Direction::Up => &m.up,
+            Direction::Up => {
+                if let Some(limits) = m.up_limits.get() {
+                    if limits.max.is_some_and(|max| m.up.load(Ordering::Relaxed).saturating_add(n) > max) {
+                        m.over_limit.store(true, Ordering::Relaxed);
+                        m.cut();
+                        return ControlFlow::Break(Cut);
+                    }
+                    if let Some((window, report)) = &limits.budget {
+                        if let Some(crossed) = window.add(n) {
+                            report(crossed);
+                        }
+                    }
+                }
+                &m.up
+            }
             Direction::Down => &m.down,
         };
-        count.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+        count.fetch_add(n, Ordering::Relaxed);
         let elapsed = u64::try_from(m.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         m.last.store(elapsed, Ordering::Relaxed);
         ControlFlow::Continue(())
+    }
+
+    /// The most bytes the next chunk this way may carry: what is left of the upload limit going
+    /// up, unbounded otherwise. Copies read no more than this, so that a cut at the limit lands
+    /// on the byte, not a pipe's worth later.
+    pub fn allowance(&self) -> usize {
+        let m = &self.meter;
+        match (self.direction, m.up_limits.get().and_then(|l| l.max)) {
+            (Direction::Up, Some(max)) => {
+                let left = max.saturating_sub(m.up.load(Ordering::Relaxed));
+                // At the limit, one byte more is asked for, so that `pass` sees it and cuts.
+                usize::try_from(left).unwrap_or(usize::MAX).max(1)
+            }
+            _ => usize::MAX,
+        }
     }
 }
 
@@ -138,5 +206,22 @@ mod tests {
         m.cut();
         assert_eq!(down.pass(1), ControlFlow::Break(Cut));
         assert_eq!(m.bytes(), (15, 7), "the chunk refused at the cut is not counted: it never moved");
+    }
+
+    #[test]
+    fn the_upload_limit_cuts_before_the_byte_past_it_and_only_going_up() {
+        let m = Meter::new();
+        m.limit_up(UpLimits { max: Some(10), budget: None });
+        let (up, down) = (m.flow(Direction::Up), m.flow(Direction::Down));
+        assert_eq!(up.allowance(), 10);
+        assert_eq!(up.pass(6), ControlFlow::Continue(()));
+        assert_eq!(up.allowance(), 4);
+        assert_eq!(down.pass(100), ControlFlow::Continue(()), "downloads are not limited");
+        assert_eq!(up.pass(4), ControlFlow::Continue(()), "up to the limit exactly");
+        assert!(!m.over_limit());
+        assert_eq!(up.allowance(), 1, "one byte more is asked for, so that the cut is seen");
+        assert_eq!(up.pass(1), ControlFlow::Break(Cut));
+        assert!(m.over_limit());
+        assert_eq!(m.bytes(), (10, 100));
     }
 }

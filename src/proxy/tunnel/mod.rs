@@ -161,7 +161,8 @@ where
 {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = r.read(&mut buf).await?;
+        let len = buf.len().min(flow.allowance());
+        let n = r.read(buf.get_mut(..len).unwrap_or_default()).await?;
         if n == 0 {
             // Half-close: pass the end of stream on, keep the other direction open.
             return Ok(w.shutdown().await?);

@@ -48,7 +48,8 @@ async fn splice_burst(src: &TcpStream, dst: &TcpStream, lease: &Lease<'_>, flow:
     let pipe = lease.pipe();
     let (capacity, pipe_in, pipe_out) = (pipe.capacity, &pipe.write, &pipe.read);
     loop {
-        let n = match src.try_io(Interest::READABLE, || Ok(splice(src, None, pipe_in, None, capacity, flags)?)) {
+        let len = capacity.min(flow.allowance());
+        let n = match src.try_io(Interest::READABLE, || Ok(splice(src, None, pipe_in, None, len, flags)?)) {
             Ok(0) => return Ok(Burst::End),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
@@ -74,7 +75,8 @@ async fn splice_burst(src: &TcpStream, dst: &TcpStream, lease: &Lease<'_>, flow:
 async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<Burst, Halted> {
     let mut buf = vec![0u8; FALLBACK_BUF];
     loop {
-        let n = match src.try_read(&mut buf) {
+        let len = buf.len().min(flow.allowance());
+        let n = match src.try_read(buf.get_mut(..len).unwrap_or_default()) {
             Ok(0) => return Ok(Burst::End),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),

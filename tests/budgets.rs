@@ -1,0 +1,161 @@
+//! Upload limits, end to end on loopback: a tunnel cut at `max_upload_bytes` to the byte, and a
+//! client past its `upload_budget` refused under the rule while another client is not. (That a
+//! client is admitted again once its window frees is shown with the clock moved, not slept, in
+//! `budgets.rs`.)
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// `up.test` pinned to 127.0.0.1, allowed on the echo origin's port, with `limits` on the rule.
+fn rules(port: u16, limits: &str) -> String {
+    format!(
+        "[resolve.static]\n\"up.test\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"upload\"\naction = \"allow\"\nhosts = [\"up.test\"]\nports = [{port}]\ntls_only = false\n{limits}\n"
+    )
+}
+
+/// A CONNECT tunnel to `up.test` from `from` (a loopback address), after its 200.
+async fn tunnel(proxy: SocketAddr, from: &str, port: u16) -> Result<TcpStream, String> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT up.test:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(s)
+    } else {
+        Err(head)
+    }
+}
+
+/// Writes `n` bytes up (as far as the tunnel takes them) while reading back what the echo origin
+/// returns, until the tunnel ends or `n` came back: the bytes that made the round trip.
+async fn push(s: TcpStream, n: usize) -> usize {
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0x42u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < n {
+            let k = chunk.len().min(n - sent);
+            if w.write_all(&chunk[..k]).await.is_err() {
+                break;
+            }
+            sent += k;
+        }
+        w
+    });
+    let mut back = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while back < n {
+        match tokio::time::timeout(WAIT, r.read(&mut buf)).await {
+            Ok(Ok(k)) if k > 0 => back += k,
+            _ => break,
+        }
+    }
+    drop(writer.await);
+    back
+}
+
+fn with_event<'a>(lines: &'a [Value], event: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["event"] == event).collect()
+}
+
+async fn metric(proxy: &TestProxy, series: &str) -> f64 {
+    let (resp, _) =
+        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
+            .await;
+    let page = String::from_utf8_lossy(&resp).into_owned();
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_tunnel_is_cut_at_max_upload_bytes_to_the_byte_and_the_cut_is_audited() {
+    let origin = support::origins::CountingOrigin::start().await;
+    let port = origin.addr.port();
+    let proxy = TestProxy::start(&rules(port, "max_upload_bytes = 300000")).await;
+    let mut s = tunnel(proxy.addr, "127.0.0.1", port).await.unwrap();
+    let chunk = vec![0x42u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < 2_000_000 && s.write_all(&chunk).await.is_ok() {
+        sent += chunk.len();
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.expect("the proxy closed the tunnel");
+    let got = origin.received_at_least(1).await;
+    assert_eq!(got[0].len(), 300_000, "exactly the limit reached the origin, not a pipe's worth more");
+
+    let lines = proxy.audit_at_least(3).await;
+    let limit = with_event(&lines, "limit");
+    assert_eq!(limit.len(), 1, "{lines:?}");
+    assert_eq!((limit[0]["reason"].as_str(), limit[0]["rule"].as_str()), (Some("upload_limit"), Some("upload")));
+    assert_eq!((limit[0]["bytes_up"].as_u64(), limit[0]["limit"].as_u64()), (Some(300_000), Some(300_000)));
+    let close = with_event(&lines, "close");
+    assert_eq!((close[0]["reason"].as_str(), close[0]["bytes_up"].as_u64()), (Some("upload_limit"), Some(300_000)));
+    let cut = metric(&proxy, "egress_proxy_upload_limits_total{limit=\"upload_limit\",rule=\"upload\"}").await;
+    assert_eq!(cut, 1.0);
+
+    // The limit is per tunnel: the next one carries its own bytes.
+    let mut s = tunnel(proxy.addr, "127.0.0.1", port).await.unwrap();
+    s.write_all(&[1u8; 1000]).await.unwrap();
+    drop(s);
+    let got = origin.received_at_least(2).await;
+    assert_eq!(got[1].len(), 1000);
+}
+
+#[tokio::test]
+async fn a_client_past_its_upload_budget_is_refused_under_the_rule_and_another_client_is_not() {
+    let echo = echo_origin().await;
+    let budget = "upload_budget = { bytes = 200000, per = \"1h\" }";
+    let proxy = TestProxy::start(&rules(echo.port(), budget)).await;
+
+    // The crossing is audited and counted while the tunnel that crossed is still open, and that
+    // tunnel is not cut: the budget governs new connections.
+    let s = tunnel(proxy.addr, "127.0.0.1", echo.port()).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    w.write_all(&vec![7u8; 250_000]).await.unwrap();
+    let mut back = vec![0u8; 250_000];
+    tokio::time::timeout(WAIT, r.read_exact(&mut back)).await.unwrap().unwrap();
+    let lines = proxy.audit_at_least(2).await;
+    let limit = with_event(&lines, "limit");
+    assert_eq!(limit.len(), 1, "{lines:?}");
+    assert_eq!(limit[0]["reason"], "upload_budget");
+    assert_eq!((limit[0]["limit"].as_u64(), limit[0]["per_s"].as_u64()), (Some(200_000), Some(3600)));
+    assert!(limit[0]["bytes_up"].as_u64().unwrap() >= 200_000);
+    assert!(with_event(&lines, "close").is_empty(), "the crossing tunnel is still open");
+    let crossed = metric(&proxy, "egress_proxy_upload_limits_total{limit=\"upload_budget\",rule=\"upload\"}").await;
+    assert_eq!(crossed, 1.0);
+    w.write_all(b"still open").await.unwrap();
+    let mut more = [0u8; 10];
+    tokio::time::timeout(WAIT, r.read_exact(&mut more)).await.unwrap().unwrap();
+    assert_eq!(&more, b"still open");
+
+    // A new connection of the same client under the rule: refused.
+    let refused = tunnel(proxy.addr, "127.0.0.1", echo.port()).await.unwrap_err();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.to_ascii_lowercase().contains("x-egress-deny-reason: upload_budget"), "{refused}");
+    // Another client address has its own budget.
+    let other = tunnel(proxy.addr, "127.0.0.2", echo.port()).await.expect("another client is let through");
+    assert_eq!(push(other, 1000).await, 1000);
+
+    let lines = proxy.audit().into_iter().filter(|l| l["event"] == "decision").collect::<Vec<_>>();
+    let refusal = lines.iter().find(|l| l["decision"] == "deny").expect("the refusal is audited");
+    assert_eq!((refusal["reason"].as_str(), refusal["rule"].as_str()), (Some("upload_budget"), Some("upload")));
+}
