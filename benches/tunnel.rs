@@ -2,7 +2,10 @@
 //! connection. A load tool, not a criterion bench: each figure is a median over several runs.
 //!
 //! Run with `cargo bench --bench tunnel`. Everything is on 127.0.0.1: an origin that sends the
-//! number of bytes asked for, and the proxy in-process, allowing only that origin's port.
+//! number of bytes asked for, a sink that counts what it is sent, and the proxy in-process,
+//! allowing only their ports. The upload figures compare a rule without upload limits to one with
+//! `max_upload_bytes` and `upload_budget` set (too high to be reached), which every byte up is
+//! counted against.
 //! Loops are bounded by count and time.
 #![allow(clippy::disallowed_methods)] // the client side connects directly, by design
 
@@ -45,7 +48,63 @@ fn main() {
 
         let (n, secs) = rate(proxy, origin).await;
         println!("CONNECT tunnels (open, 1-byte exchange, close), {RATE_CONCURRENCY} clients: {n} in {secs:.2} s = {:.0} tunnels/s", n as f64 / secs);
+
+        let sink = sink().await;
+        let plain_dir = tempfile::tempdir().unwrap();
+        let limited_dir = tempfile::tempdir().unwrap();
+        let plain = proxy_with(&[sink.port()], plain_dir.path(), "").await;
+        let limits = "max_upload_bytes = 1000000000000\nupload_budget = { bytes = 1000000000000, per = \"1h\" }\n";
+        let limited = proxy_with(&[sink.port()], limited_dir.path(), limits).await;
+        let (mut d, mut p, mut l) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            d.push(upload(sink, None).await);
+            p.push(upload(plain, Some(sink)).await);
+            l.push(upload(limited, Some(sink)).await);
+        }
+        let (d, p, l) = (median(&mut d), median(&mut p), median(&mut l));
+        println!("upload {} MiB x {RUNS} runs, median:", BULK >> 20);
+        println!("  direct loopback      {:>8.0} MiB/s", d);
+        println!("  CONNECT, no limits   {:>8.0} MiB/s", p);
+        println!("  CONNECT, counted     {:>8.0} MiB/s  (max_upload_bytes + upload_budget)", l);
+        println!("  counted / no limits  {:>8.1} %", 100.0 * l / p);
     });
+}
+
+/// Reads everything it is sent, then answers with the count (8 bytes, big-endian).
+async fn sink() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = s.write_u64(n).await;
+            });
+        }
+    });
+    addr
+}
+
+/// MiB/s for one upload of `BULK` bytes, counted by the sink.
+async fn upload(addr: SocketAddr, via_sink: Option<SocketAddr>) -> f64 {
+    let mut s = open(addr, via_sink).await;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < BULK {
+        s.write_all(&buf).await.unwrap();
+        sent += buf.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    assert_eq!(s.read_u64().await.unwrap(), BULK);
+    (BULK as f64 / (1 << 20) as f64) / start.elapsed().as_secs_f64()
 }
 
 /// Sends the number of bytes each client asks for (an 8-byte big-endian count), then closes.
@@ -78,14 +137,19 @@ async fn origin() -> SocketAddr {
 }
 
 async fn proxy(origin: SocketAddr, dir: &std::path::Path) -> SocketAddr {
+    proxy_with(&[origin.port()], dir, "").await
+}
+
+/// The proxy allowing `ports` on 127.0.0.1, with `rule_extra` lines on its rule.
+async fn proxy_with(ports: &[u16], dir: &std::path::Path, rule_extra: &str) -> SocketAddr {
     let cfg = dir.join("bench.toml");
     let audit = dir.join("audit.jsonl");
+    let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     std::fs::write(
         &cfg,
         format!(
-            "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.1/32\"]\n[[rule]]\nname = \"origin\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{}]\ntls_only = false\n[limits]\nmax_connections = 100000\nmax_connections_per_client = 100000\n",
+            "[audit]\npath = {:?}\n[safety]\nallow_internal = [\"127.0.0.1/32\"]\n[limits]\nmax_connections = 100000\nmax_connections_per_client = 100000\n[[rule]]\nname = \"origin\"\naction = \"allow\"\ncidrs = [\"127.0.0.1/32\"]\nports = [{ports}]\ntls_only = false\n{rule_extra}",
             audit.display().to_string(),
-            origin.port()
         ),
     )
     .unwrap();
