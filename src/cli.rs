@@ -1,5 +1,5 @@
-//! The command line: `run` (the default), `check`, `validate`, `service-tags`, `nft` and
-//! `audit verify`. All printing lives here.
+//! The command line: `run` (the default), `check`, `validate`, `service-tags`, `nft`,
+//! `audit verify` and `learn`. All printing lives here.
 //!
 //! Exit codes: 0 success (every destination allowed, for `check`; the chain intact, for `audit
 //! verify`); 1 a destination denied, a broken audit chain, or a runtime failure; 2 a
@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::audit::chain::ChainCheck;
 use crate::descriptors;
+use crate::learn::Learner;
 use crate::load::{load, Loaded};
 use crate::policy::service_tags::TagTable;
 use crate::policy::{Decision, Destination, Host, Policy, Query};
@@ -44,6 +45,8 @@ enum Command {
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Draft a policy from audit logs: every host name they saw, one rule per port, to review.
+    Learn(LearnArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +59,13 @@ enum AuditCommand {
 struct VerifyArgs {
     /// The files of one log, oldest first (`audit.jsonl.2 audit.jsonl.1 audit.jsonl`).
     #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LearnArgs {
+    /// Audit log files (`--audit a.jsonl b.jsonl` or `--audit a.jsonl --audit b.jsonl`).
+    #[arg(long = "audit", required = true, num_args = 1.., value_name = "FILE")]
     files: Vec<PathBuf>,
 }
 
@@ -118,6 +128,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Some(Command::Audit(AuditCommand::Verify(args))) => audit_verify(args),
+        Some(Command::Learn(args)) => learn(args),
     }
 }
 
@@ -300,6 +311,40 @@ fn audit_verify(args: VerifyArgs) -> ExitCode {
     };
     let _ = writeln!(out, "intact: {} lines in {files}", check.lines());
     ExitCode::SUCCESS
+}
+
+/// `learn`: reads every line of every file, then prints the draft; nothing is printed when a file
+/// cannot be read, so a half-read log never yields a draft that looks whole.
+fn learn(args: LearnArgs) -> ExitCode {
+    let mut learner = Learner::default();
+    for path in &args.files {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("{}: cannot read: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+            match line {
+                Ok(line) => learner.line(&line),
+                Err(e) => {
+                    eprintln!("{}:{}: cannot read: {e}", path.display(), n + 1);
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    match learner.draft() {
+        Ok(draft) => {
+            let _ = std::io::stdout().lock().write_all(draft.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("the draft does not load, a bug in `learn`:\n{errors}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn service_tags(args: ServiceTagsArgs) -> ExitCode {

@@ -46,9 +46,10 @@
 //! - `reload`: the reload triggers (SIGHUP, file watch, `POST /reload`); each ends in `State::apply`.
 //! - `refresh`: fetches Service Tags over HTTPS (ETag), validates, writes atomically, reloads.
 //! - `nft`: the policy's packet-filter layer rendered as an nftables ruleset (gateway or sidecar).
+//! - `learn`: audit lines → a draft policy of what the log saw (`egress-proxy learn`); no I/O.
 //! - `app`: the `run` command's wiring: bind, signals, reload triggers, refresh, `server::run`.
-//! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`, `audit verify`);
-//!   all printing.
+//! - `cli`: the command line (`run`, `check`, `validate`, `service-tags`, `nft`, `audit verify`,
+//!   `learn`); all printing.
 //! - `fuzz_logic` (hidden): the invariants the fuzz targets and `tests/fuzz_corpus.rs` check.
 //!
 //! Imports run one way: `cli` → `app` → `server` → `admin`/`proxy` → `state` → `policy`.
@@ -63,6 +64,7 @@ pub mod denied;
 pub mod descriptors;
 #[doc(hidden)]
 pub mod fuzz_logic;
+pub mod learn;
 pub mod load;
 pub mod metrics;
 pub mod nft;

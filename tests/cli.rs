@@ -131,6 +131,99 @@ fn validate_warns_about_address_rules_on_shared_tags_unless_names_are_listed() {
     }
 }
 
+/// A recorded audit log, in the proxy's own line format, from a loose policy (rule `open`): what the
+/// workloads reached, allowed and refused, with the lines that teach nothing mixed in.
+const RECORDED_LOG: &str = r#"{"ts":"2025-10-20T08:00:00.000Z","event":"chain_start","prev":"0000000000000000000000000000000000000000000000000000000000000000"}
+{"ts":"2025-10-20T08:15:30.123Z","event":"decision","id":1,"client":"10.0.0.4:50312","listener":"http","method":"CONNECT","host":"ml.azure.com","port":443,"dst_addr":"20.38.1.2:443","decision":"allow","rule":"open","reason":null,"prev":"PREV"}
+{"ts":"2025-10-20T08:15:31.500Z","event":"close","id":1,"client":"10.0.0.4:50312","listener":"http","host":"ml.azure.com","port":443,"dst_addr":"20.38.1.2:443","rule":"open","bytes_up":517,"bytes_down":4096,"duration_ms":1377,"prev":"PREV"}
+{"ts":"2025-10-20T08:16:00.000Z","event":"decision","id":2,"client":"10.0.0.4:50313","listener":"http","method":"CONNECT","host":"a.westus2.batch.azure.com","port":443,"dst_addr":"20.42.5.6:443","decision":"allow","rule":"open","reason":null,"prev":"PREV"}
+{"ts":"2025-10-20T08:16:01.000Z","event":"decision","id":3,"client":"10.0.0.4:50314","listener":"http","method":"CONNECT","host":"b.westus2.batch.azure.com","port":443,"dst_addr":null,"decision":"deny","rule":null,"reason":"no_rule","prev":"PREV"}
+{"ts":"2025-10-20T08:16:02.000Z","event":"decision","id":4,"client":"10.0.0.5:40000","listener":"tls","host":"c.westus2.batch.azure.com","port":443,"dst_addr":"20.42.5.7:443","decision":"allow","rule":"open","reason":null,"original_dst":"20.42.5.7:443","prev":"PREV"}
+{"ts":"2025-10-20T08:17:00.000Z","event":"decision","id":5,"client":"10.0.0.4:50315","listener":"http","method":"CONNECT","host":"acct1.blob.core.windows.net","port":443,"dst_addr":"20.60.1.1:443","decision":"allow","rule":"open","reason":null,"prev":"PREV"}
+{"ts":"2025-10-20T08:17:01.000Z","event":"decision","id":6,"client":"10.0.0.4:50316","listener":"http","method":"CONNECT","host":"acct2.blob.core.windows.net","port":443,"dst_addr":"20.60.1.2:443","decision":"allow","rule":"open","reason":null,"prev":"PREV"}
+{"ts":"2025-10-20T08:17:02.000Z","event":"decision","id":7,"client":"10.0.0.4:50317","listener":"http","method":"CONNECT","host":"acct3.blob.core.windows.net","port":443,"dst_addr":null,"decision":"deny","rule":null,"reason":"no_rule","prev":"PREV"}
+{"ts":"2025-10-20T08:18:00.000Z","event":"decision","id":8,"client":"10.0.0.4:50318","listener":"http","method":"GET","host":"example.com","port":80,"dst_addr":"93.184.215.14:80","decision":"allow","rule":"open","reason":null,"prev":"PREV"}
+{"ts":"2025-10-20T08:19:00.000Z","event":"decision","id":9,"client":"10.0.0.4:50319","listener":"http","method":"CONNECT","host":"git.example.com","port":22,"dst_addr":null,"decision":"deny","rule":"open","reason":"port_not_allowed","prev":"PREV"}
+{"ts":"2025-10-20T08:20:00.000Z","event":"decision","id":10,"client":"10.0.0.4:50320","listener":"http","method":"CONNECT","host":"20.1.2.3","port":443,"dst_addr":null,"decision":"deny","rule":null,"reason":"no_rule","prev":"PREV"}
+{"ts":"2025-10-20T08:21:00.000Z","event":"decision","id":11,"client":"10.0.0.4:50321","listener":"http","method":"CONNECT","host":"pypi.org","port":443,"dst_addr":null,"decision":"fail","rule":"open","reason":"resolve_failed","prev":"PREV"}
+{"ts":"2025-10-20T08:22:00.000Z","event":"decision","id":12,"client":"10.0.0.4:50322","listener":"http","method":"GET","host":"/index.html","port":null,"dst_addr":null,"decision":"deny","rule":null,"reason":"bad_request","prev":"PREV"}
+not a line the proxy wrote
+"#;
+
+#[test]
+fn learn_drafts_a_policy_that_loads_and_allows_exactly_what_the_log_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    std::fs::write(&log, RECORDED_LOG.replace("PREV", &"5e".repeat(32))).unwrap();
+    let (code, draft, err) = run(&["learn", "--audit", log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(draft.contains("\n  \"*.westus2.batch.azure.com\",\n"), "three names under one owner's suffix: {draft}");
+    for account in ["acct1", "acct2", "acct3"] {
+        assert!(draft.contains(&format!("\n  \"{account}.blob.core.windows.net\",\n")), "never a wildcard: {draft}");
+    }
+    assert!(draft.contains("\n#   20.1.2.3:443: 1 seen: 0 allowed, 1 denied [no_rule 1];"), "{draft}");
+    assert!(
+        draft.contains("# Read 15 lines: 10 decisions learned; skipped: 1 not JSON or not an audit line, 2 other events (close, chain_start), 1 decision with no host or port, 1 decision for IP destinations (below).\n"),
+        "{draft}"
+    );
+
+    let cfg = dir.path().join("draft.toml");
+    std::fs::write(&cfg, &draft).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = run(&["validate", "--config", cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": 3 rules enabled, 0 disabled;"), "{out}");
+    assert!(!out.contains("warning: rule"), "{out}");
+
+    let seen = [
+        "ml.azure.com:443",
+        "a.westus2.batch.azure.com:443",
+        "b.westus2.batch.azure.com:443",
+        "c.westus2.batch.azure.com:443",
+        "acct1.blob.core.windows.net:443",
+        "acct2.blob.core.windows.net:443",
+        "acct3.blob.core.windows.net:443",
+        "example.com:80",
+        "git.example.com:22",
+        "pypi.org:443",
+    ];
+    let (code, out, _) = run(&[&["check", "--config", cfg][..], &seen[..]].concat());
+    assert_eq!(code, 0, "{out}");
+    let rules: Vec<String> = out.lines().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).collect();
+    let want: Vec<String> =
+        seen.iter().map(|d| format!("allow {d} rule=learned-{}", d.rsplit(':').next().unwrap())).collect();
+    assert_eq!(rules, want, "{out}");
+
+    // (A sibling under the learned wildcard, x.westus2.batch.azure.com, is allowed: that is what
+    // collapsing means. Under a shared suffix nothing is collapsed, so its sibling is not.)
+    let unseen = [
+        "ml.azure.com:80",
+        "example.com:443",
+        "git.example.com:443",
+        "other.azure.com:443",
+        "westus2.batch.azure.com:443",
+        "a.eastus.batch.azure.com:443",
+        "acct4.blob.core.windows.net:443",
+        "blob.core.windows.net:443",
+        "files.pythonhosted.org:443",
+        "20.1.2.3:443",
+    ];
+    let (code, out, _) = run(&[&["check", "--config", cfg][..], &unseen[..]].concat());
+    assert_eq!(code, 1, "{out}");
+    let verdicts: Vec<&str> = out.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect();
+    assert_eq!(verdicts, ["deny"; 10], "{out}");
+}
+
+#[test]
+fn learn_needs_a_readable_file_and_names_the_one_it_cannot_read() {
+    let (code, out, err) = run(&["learn", "--audit", "/nonexistent/audit.jsonl"]);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(err.starts_with("/nonexistent/audit.jsonl: cannot read"), "{err}");
+    let (code, _, err) = run(&["learn"]);
+    assert_eq!(code, 2, "--audit is required: {err}");
+    assert!(err.contains("--audit <FILE>"), "{err}");
+}
+
 #[test]
 fn run_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
