@@ -117,6 +117,19 @@ struct RuleView<'a> {
     cidrs: &'a [IpNet],
     #[serde(serialize_with = "strings")]
     sources: &'a [IpNet],
+    /// `enforce`, or `report`: what the rule would refuse is let through as `would_deny`.
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_upload_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upload_budget: Option<BudgetView>,
+}
+
+/// A rule's `upload_budget`, as `/policy` shows it.
+#[derive(Serialize)]
+struct BudgetView {
+    bytes: u64,
+    per_s: u64,
 }
 
 /// A service tag of a rule, as Azure spells it, with the number of its prefixes.
@@ -137,6 +150,9 @@ impl<'a> From<&'a Rule> for RuleView<'a> {
             service_tags: r.tags.iter().map(|(name, prefixes)| TagView { name, prefixes: *prefixes }).collect(),
             cidrs: &r.cidrs,
             sources: &r.sources,
+            mode: if r.report { "report" } else { "enforce" },
+            max_upload_bytes: r.max_upload,
+            upload_budget: r.upload_budget.map(|b| BudgetView { bytes: b.bytes, per_s: b.per.as_secs() }),
         }
     }
 }
@@ -165,7 +181,8 @@ mod tests {
     #[test]
     fn a_rule_is_shown_with_every_field_as_text() {
         let text = "[[rule]]\nname = \"web\"\naction = \"deny\"\nhosts = [\"*.example.org\"]\n\
-                    cidrs = [\"192.0.2.0/24\"]\nports = [80, \"8000-8080\"]\nsources = [\"10.0.0.0/8\"]\n";
+                    cidrs = [\"192.0.2.0/24\"]\nports = [80, \"8000-8080\"]\nsources = [\"10.0.0.0/8\"]\n\
+                    mode = \"report\"\nmax_upload_bytes = 1000\nupload_budget = { bytes = 5000, per = \"1h\" }\n";
         let config = Config::from_str(text, Origin::Embedded).unwrap();
         let compiled = crate::policy::compile(&config, &Default::default()).unwrap();
         let rule = serde_json::to_value(RuleView::from(&compiled.policy.rules()[0])).unwrap();
@@ -178,6 +195,9 @@ mod tests {
             "service_tags": [],
             "cidrs": ["192.0.2.0/24"],
             "sources": ["10.0.0.0/8"],
+            "mode": "report",
+            "max_upload_bytes": 1000,
+            "upload_budget": { "bytes": 5000, "per_s": 3600 },
         });
         assert_eq!(rule, want);
     }

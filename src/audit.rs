@@ -69,6 +69,9 @@ pub enum Verdict {
     Deny,
     /// Allowed by the policy, but the name did not resolve or the upstream could not be reached.
     Fail,
+    /// Report mode: refused by the policy, and let through; `reason` says why enforcement would
+    /// have refused it.
+    WouldDeny,
 }
 
 impl Verdict {
@@ -77,6 +80,7 @@ impl Verdict {
             Self::Allow => "allow",
             Self::Deny => "deny",
             Self::Fail => "fail",
+            Self::WouldDeny => "would_deny",
         }
     }
 }
@@ -174,6 +178,13 @@ impl Audit {
         self.metrics.decisions.with_label_values(&labels).inc();
         match (d.decision, d.host, d.port) {
             (Verdict::Allow, _, _) => self.metrics.open_tunnels.with_label_values(&[listener]).inc(),
+            (Verdict::WouldDeny, host, port) => {
+                // Let through: open like an allowed connection, and remembered with the refusals.
+                self.metrics.open_tunnels.with_label_values(&[listener]).inc();
+                if let (Some(host), Some(port), Ok(mut top)) = (host, port, self.denied.lock()) {
+                    top.record(host, port, d.reason.unwrap_or_default(), SystemTime::now());
+                }
+            }
             (_, Some(host), Some(port)) => {
                 if let Ok(mut top) = self.denied.lock() {
                     top.record(host, port, d.reason.unwrap_or_default(), SystemTime::now());

@@ -53,8 +53,29 @@ pub struct Config {
     pub transparent: TransparentConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// `[policy]`: how the policy as a whole is applied.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `enforce` (the default) or `report`: let through what would be refused, and audit it as
+    /// `would_deny`. Built-in protections are enforced either way.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Whether refusals are enforced or only reported.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Report,
 }
 
 /// Settings of the admin server (`[listen] admin`).
@@ -188,6 +209,9 @@ pub struct RuleConfig {
     /// new connections under the rule are refused (`upload_budget`) until the window frees.
     #[serde(default)]
     pub upload_budget: Option<Spanned<UploadBudget>>,
+    /// `report`: what this rule would refuse is let through and audited as `would_deny`.
+    #[serde(default)]
+    pub mode: Option<Mode>,
 }
 
 /// `upload_budget = { bytes = 1073741824, per = "1h" }`.

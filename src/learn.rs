@@ -218,10 +218,11 @@ impl Seen {
     fn record(&mut self, verdict: Verdict, reason: Option<&str>, at: SystemTime) {
         match verdict {
             Verdict::Allow => self.allowed += 1,
-            Verdict::Deny => self.denied += 1,
+            // Report mode let it through; enforcement would refuse it: counted with the refusals.
+            Verdict::Deny | Verdict::WouldDeny => self.denied += 1,
             Verdict::Fail => self.failed += 1,
         }
-        if let (Verdict::Deny | Verdict::Fail, Some(reason)) = (verdict, reason) {
+        if let (Verdict::Deny | Verdict::WouldDeny | Verdict::Fail, Some(reason)) = (verdict, reason) {
             *self.reasons.entry(reason.to_string()).or_default() += 1;
         }
         self.first = self.first.min(at);
@@ -392,7 +393,7 @@ fn plural(n: u64, word: &str) -> String {
 
 /// The audit `decision` value → its verdict, by the names `audit` writes.
 fn verdict(s: &str) -> Option<Verdict> {
-    [Verdict::Allow, Verdict::Deny, Verdict::Fail].into_iter().find(|v| v.as_str() == s)
+    [Verdict::Allow, Verdict::Deny, Verdict::Fail, Verdict::WouldDeny].into_iter().find(|v| v.as_str() == s)
 }
 
 /// How many names a `*.suffix` must stand for: fewer is not a pattern, just names.

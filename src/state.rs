@@ -71,6 +71,10 @@ pub struct PolicyInfo {
     pub service_tags_change_number: u64,
     pub disabled: Vec<String>,
     pub warnings: Vec<String>,
+    /// `enforce`, or `report` when the whole policy only reports (`[policy] mode`).
+    pub mode: &'static str,
+    /// Rules in report mode: what they would refuse is let through as `would_deny`.
+    pub report_only_rules: Vec<String>,
 }
 
 // === impl State ===
@@ -123,6 +127,18 @@ impl State {
         metrics.tags_change_number.set(i64::try_from(tags.change_number()).unwrap_or(i64::MAX));
         metrics.tags_timestamp.set(tags_written.map_or(0.0, unix_seconds));
         self.resolver.set_pins(pins(&config));
+        let policy = &compiled.policy;
+        let report_only_rules: Vec<String> =
+            policy.rules().iter().filter(|r| r.report).map(|r| r.name.to_string()).collect();
+        if policy.is_report_only() {
+            tracing::warn!(
+                "REPORT MODE: [policy] mode = \"report\": nothing is refused but the built-in protections; \
+                 what would be refused is let through and audited as would_deny"
+            );
+        } else if !report_only_rules.is_empty() {
+            tracing::warn!(rules = %report_only_rules.join(", "), "REPORT MODE for some rules: what they would refuse is let through and audited as would_deny");
+        }
+        let mode = if policy.is_report_only() { "report" } else { "enforce" };
         self.info.store(Arc::new(PolicyInfo {
             hash,
             loaded_at: now,
@@ -134,6 +150,8 @@ impl State {
                 .iter()
                 .map(|w| format!("rule {}: {}", w.rule.as_deref().unwrap_or("-"), w.message))
                 .collect(),
+            mode,
+            report_only_rules,
         }));
         self.policy.store(Arc::new(compiled.policy));
     }
@@ -177,6 +195,8 @@ impl Default for PolicyInfo {
             service_tags_change_number: 0,
             disabled: Vec::new(),
             warnings: Vec::new(),
+            mode: "enforce",
+            report_only_rules: Vec::new(),
         }
     }
 }

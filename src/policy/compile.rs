@@ -13,7 +13,7 @@ use super::nets::RangeIndex;
 use super::safety::Safety;
 use super::service_tags::TagTable;
 use super::{Policy, PortSet, Rule, UploadBudget};
-use crate::config::{Action, Config, ConfigError, ConfigErrors, Names, PortRange, RuleConfig, Seconds, Source};
+use crate::config::{Action, Config, ConfigError, ConfigErrors, Mode, Names, PortRange, RuleConfig, Seconds, Source};
 
 /// A policy and what the operator should know about it.
 #[derive(Debug)]
@@ -46,6 +46,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         nftables: _,
         transparent,
         admin: _,
+        policy: policy_config,
         source,
     } = config;
     let mut cx = Cx { source, tags, names: transparent.names, errors: Vec::new(), warnings: Vec::new() };
@@ -174,7 +175,8 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
     );
     let mut warnings = cx.warnings;
     warnings.extend(compiled.iter().flat_map(lint));
-    let policy = Policy { rules: compiled, names, nets, safety: Safety::new(allow_internal) };
+    let report = policy_config.mode == Mode::Report;
+    let policy = Policy { rules: compiled, names, nets, safety: Safety::new(allow_internal), report };
     Ok(Compiled { policy, disabled, warnings })
 }
 
@@ -224,6 +226,7 @@ impl Cx<'_> {
             names,
             max_upload_bytes,
             upload_budget,
+            mode,
         } = rc;
         let before = self.errors.len();
         if let Some(max) = max_upload_bytes.as_ref().filter(|m| *m.get_ref() == 0) {
@@ -332,6 +335,7 @@ impl Cx<'_> {
             upload_budget: upload_budget
                 .as_ref()
                 .map(|b| UploadBudget { bytes: b.get_ref().bytes, per: b.get_ref().per.0 }),
+            report: *mode == Some(Mode::Report),
         })
     }
 

@@ -7,6 +7,10 @@ use std::fmt;
 pub struct RuleId(pub(crate) u32);
 
 impl RuleId {
+    /// No rule: the id of a connection let through in report mode that no rule matched. It names
+    /// no rule of any policy (`Policy::rule` gives `None`, `rule_name` gives `-`).
+    pub const NONE: Self = Self(u32::MAX);
+
     pub(crate) fn index(self) -> usize {
         self.0 as usize
     }

@@ -48,6 +48,8 @@ pub struct Policy {
     names: NameIndex,
     nets: RangeIndex,
     safety: Safety,
+    /// `[policy] mode = "report"`: every refusal but the built-in protections is only reported.
+    report: bool,
 }
 
 /// One enabled rule, compiled.
@@ -79,6 +81,8 @@ pub struct Rule {
     pub max_upload: Option<u64>,
     /// `upload_budget`: bytes one client may send up through this rule per window.
     pub upload_budget: Option<UploadBudget>,
+    /// `mode = "report"`: what this rule would refuse is let through as `would_deny`.
+    pub report: bool,
 }
 
 /// Bytes one client address may send up through a rule, per window.
@@ -196,7 +200,34 @@ impl Policy {
 
     /// A policy with no rules: refuses everything.
     pub fn empty() -> Self {
-        Self { rules: Vec::new(), names: NameIndex::default(), nets: RangeIndex::default(), safety: Safety::default() }
+        Self {
+            rules: Vec::new(),
+            names: NameIndex::default(),
+            nets: RangeIndex::default(),
+            safety: Safety::default(),
+            report: false,
+        }
+    }
+
+    /// Whether a refusal is only reported (`would_deny`) rather than enforced: the whole policy or
+    /// the rule that made it is in report mode. The built-in protections (`internal_address`) and a
+    /// host that is not one (`invalid_host`) are enforced in every mode.
+    pub fn reports(&self, reason: DenyReason, rule: Option<RuleId>) -> bool {
+        if matches!(reason, DenyReason::InternalAddress | DenyReason::InvalidHost) {
+            return false;
+        }
+        self.report || rule.and_then(|r| self.rule(r)).is_some_and(|r| r.report)
+    }
+
+    /// `[policy] mode = "report"`.
+    pub fn is_report_only(&self) -> bool {
+        self.report
+    }
+
+    /// Whether the built-in protections refuse `addr` (loopback, private, link-local, metadata),
+    /// whatever the rules say.
+    pub fn protected(&self, addr: IpAddr) -> bool {
+        !self.safety.permits(fold_mapped(addr))
     }
 
     pub fn rules(&self) -> &[Rule] {

@@ -21,6 +21,8 @@ pub struct Permit {
     /// A redirected connection whose original destination is not among `addrs`, let through
     /// because `[transparent] original_dst_mismatch = "log"`.
     mismatch: bool,
+    /// Report mode: the refusal that enforcement would have made, and the rule that made it.
+    reported: Option<(DenyReason, Option<RuleId>)>,
 }
 
 /// What the rule that allowed an address grants: its id (for the audit line) and its tunnel
@@ -50,6 +52,70 @@ impl Permit {
     /// destination (`original_dst_mismatch = "log"`).
     pub fn is_mismatch(&self) -> bool {
         self.mismatch
+    }
+
+    /// The refusal only reported (report mode), if this permit is one.
+    pub fn reported(&self) -> Option<(DenyReason, Option<RuleId>)> {
+        self.reported
+    }
+
+    /// Marks the permit as one that enforcement would refuse for `reason` (a refusal made after
+    /// the permit, such as an upload budget), to be audited as `would_deny`.
+    pub fn report(&mut self, reason: DenyReason, rule: Option<RuleId>) {
+        self.reported.get_or_insert((reason, rule));
+    }
+}
+
+/// Report mode: leave to dial a destination whose refusal `policy.reports`. The built-in
+/// protections still hold: every address must pass them, and a name is resolved only because its
+/// refusal is only reported (with the whole policy in report mode, that is any name).
+pub async fn authorize_reported(
+    policy: &Policy,
+    resolver: &Resolver,
+    dest: &Destination,
+    reason: DenyReason,
+    rule: Option<RuleId>,
+) -> Result<Permit, Refusal> {
+    let addrs = match &dest.host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => resolver.resolve(name).await.map_err(resolve_refusal)?,
+    };
+    reported_permit(policy, addrs.into_iter().map(|ip| SocketAddr::new(ip, dest.port)), reason, rule)
+}
+
+/// Report mode for a redirected connection: it goes where it was going, if the built-in
+/// protections let it.
+pub fn authorize_redirected_reported(
+    policy: &Policy,
+    r: &Redirected<'_>,
+    reason: DenyReason,
+    rule: Option<RuleId>,
+) -> Result<Permit, Refusal> {
+    reported_permit(policy, std::iter::once(r.original_dst), reason, rule)
+}
+
+fn reported_permit(
+    policy: &Policy,
+    addrs: impl Iterator<Item = SocketAddr>,
+    reason: DenyReason,
+    rule: Option<RuleId>,
+) -> Result<Permit, Refusal> {
+    // Already `would_deny`: the checks of the tunnel's first bytes would only report again, so
+    // they are off. The refusing rule's upload limits, if it has any, still count.
+    let base = rule.map_or(TunnelOptions::STRICT, |r| Grant::of(policy, r).tunnel);
+    let tunnel = TunnelOptions { sni_check: false, allow_ech: true, tls_only: false, names_listed: false, ..base };
+    let grant = Grant { rule: rule.unwrap_or(RuleId::NONE), tunnel };
+    let addrs: Vec<(SocketAddr, Grant)> = addrs.filter(|a| !policy.protected(a.ip())).map(|a| (a, grant)).collect();
+    if addrs.is_empty() {
+        return Err(Refusal::Policy { reason: DenyReason::InternalAddress, rule: None });
+    }
+    Ok(Permit { addrs, mismatch: false, reported: Some((reason, rule)) })
+}
+
+fn resolve_refusal(e: ResolveError) -> Refusal {
+    match e {
+        ResolveError::Timeout => Refusal::ResolveTimeout,
+        ResolveError::NoAddress | ResolveError::NoResolver => Refusal::ResolveFailed,
     }
 }
 
@@ -126,7 +192,7 @@ pub async fn authorize_redirected(
 }
 
 fn single(policy: &Policy, addr: SocketAddr, rule: RuleId) -> Permit {
-    Permit { addrs: vec![(addr, Grant::of(policy, rule))], mismatch: false }
+    Permit { addrs: vec![(addr, Grant::of(policy, rule))], mismatch: false, reported: None }
 }
 
 /// Resolves a name the policy has already allowed, and keeps the addresses that pass the policy.
@@ -137,10 +203,7 @@ async fn resolve_allowed(
     port: u16,
     client: IpAddr,
 ) -> Result<Permit, Refusal> {
-    let resolved = resolver.resolve(name).await.map_err(|e| match e {
-        ResolveError::Timeout => Refusal::ResolveTimeout,
-        ResolveError::NoAddress | ResolveError::NoResolver => Refusal::ResolveFailed,
-    })?;
+    let resolved = resolver.resolve(name).await.map_err(resolve_refusal)?;
     let mut addrs = Vec::with_capacity(resolved.len());
     let mut first_refusal = None;
     for ip in resolved {
@@ -155,6 +218,6 @@ async fn resolve_allowed(
     match (addrs.is_empty(), first_refusal) {
         (true, Some(refusal)) => Err(refusal),
         (true, None) => Err(Refusal::ResolveFailed),
-        (false, _) => Ok(Permit { addrs, mismatch: false }),
+        (false, _) => Ok(Permit { addrs, mismatch: false, reported: None }),
     }
 }

@@ -20,7 +20,9 @@ use crate::descriptors::At;
 use crate::policy::{Decision, DenyReason, Destination, HostName, Policy, Query, RuleId};
 use crate::state::State;
 
-use super::authorize::{authorize, authorize_redirected, Permit, Redirected};
+use super::authorize::{
+    authorize, authorize_redirected, authorize_redirected_reported, authorize_reported, Permit, Redirected,
+};
 use super::dial::{dial, DialError, Dialled, Upstream};
 use super::refusal::Refusal;
 use super::tunnel::meter::{Meter, OnCrossed, UpLimits};
@@ -121,12 +123,18 @@ impl Conn {
         self.port = port;
     }
 
-    /// Decides a destination the client named (explicit listener).
+    /// Decides a destination the client named (explicit listener). A refusal the policy only
+    /// reports (report mode) becomes a permit that says so.
     pub async fn authorize(&self, dest: &Destination) -> Result<Permit, Refusal> {
         self.audit_available()?;
-        let permit = authorize(&self.policy, &self.state.resolver, dest, self.client.ip()).await?;
-        self.within_budget(&permit)?;
-        Ok(permit)
+        let policy = &self.policy;
+        let permit = match authorize(policy, &self.state.resolver, dest, self.client.ip()).await {
+            Err(Refusal::Policy { reason, rule }) if policy.reports(reason, rule) => {
+                authorize_reported(policy, &self.state.resolver, dest, reason, rule).await?
+            }
+            decided => decided?,
+        };
+        self.within_budget(permit)
     }
 
     /// Decides a redirected connection on the name it carries and its original destination.
@@ -134,22 +142,32 @@ impl Conn {
         self.audit_available()?;
         let original_dst = self.original_dst.ok_or(Refusal::NoOriginalDst)?;
         let r = Redirected { name, original_dst, client: self.client.ip() };
-        let permit = authorize_redirected(&self.policy, &self.state.resolver, &r, self.state.mismatch).await?;
-        self.within_budget(&permit)?;
-        Ok(permit)
+        let policy = &self.policy;
+        let permit = match authorize_redirected(policy, &self.state.resolver, &r, self.state.mismatch).await {
+            Err(Refusal::Policy { reason, rule }) if policy.reports(reason, rule) => {
+                authorize_redirected_reported(policy, &r, reason, rule)?
+            }
+            decided => decided?,
+        };
+        self.within_budget(permit)
     }
 
     /// A client that has sent its `upload_budget` through a rule in this window gets no new
-    /// connection under that rule (`upload_budget`) until the window frees.
-    fn within_budget(&self, permit: &Permit) -> Result<(), Refusal> {
-        for (_, grant) in permit.addrs() {
-            let Some(budget) = grant.tunnel.upload_budget else { continue };
+    /// connection under that rule (`upload_budget`) until the window frees (in report mode: it
+    /// does, as `would_deny`).
+    fn within_budget(&self, mut permit: Permit) -> Result<Permit, Refusal> {
+        let over = permit.addrs().find(|(_, grant)| {
             let rule = self.policy.rule_name(grant.rule);
-            if self.state.budgets.exhausted(rule, self.client.ip(), budget) {
-                return Err(Refusal::Policy { reason: DenyReason::UploadBudget, rule: Some(grant.rule) });
+            grant.tunnel.upload_budget.is_some_and(|b| self.state.budgets.exhausted(rule, self.client.ip(), b))
+        });
+        if let Some((_, grant)) = over {
+            let (reason, rule) = (DenyReason::UploadBudget, Some(grant.rule));
+            if !self.policy.reports(reason, rule) {
+                return Err(Refusal::Policy { reason, rule });
             }
+            permit.report(reason, rule);
         }
-        Ok(())
+        Ok(permit)
     }
 
     /// Decides a server name met inside a tunnel that was allowed by address (`names = "listed"`):
@@ -245,7 +263,11 @@ impl Conn {
         let (decision, dst_addr, rule, reason, note) = match outcome {
             Outcome::Allowed(u) => {
                 let note = u.mismatch.then_some("original_dst_mismatch");
-                (Verdict::Allow, Some(u.addr), Some(u.grant.rule), None, note)
+                match u.reported {
+                    // Report mode: let through, and said to be what enforcement would refuse.
+                    Some((reason, rule)) => (Verdict::WouldDeny, Some(u.addr), rule, Some(reason.as_str()), note),
+                    None => (Verdict::Allow, Some(u.addr), Some(u.grant.rule), None, note),
+                }
             }
             Outcome::Refused(r) => (r.verdict(), None, r.rule(), Some(r.reason()), None),
         };

@@ -9,6 +9,8 @@ use tokio::time::Instant;
 
 use crate::descriptors::is_shortage;
 
+use crate::policy::{DenyReason, RuleId};
+
 use super::authorize::{Grant, Permit};
 use super::refusal::Refusal;
 
@@ -25,6 +27,8 @@ pub struct Dialled {
     pub grant: Grant,
     /// Dialled at the name's own address, not the redirected connection's original destination.
     pub mismatch: bool,
+    /// Report mode: the refusal enforcement would have made (the decision line says `would_deny`).
+    pub reported: Option<(DenyReason, Option<RuleId>)>,
 }
 
 /// Why a dial failed.
@@ -47,7 +51,10 @@ pub async fn dial(permit: &Permit, timeout: Duration) -> Result<Upstream, DialEr
         match attempt {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok(Upstream { stream, to: Dialled { addr, grant, mismatch: permit.is_mismatch() } });
+                return Ok(Upstream {
+                    stream,
+                    to: Dialled { addr, grant, mismatch: permit.is_mismatch(), reported: permit.reported() },
+                });
             }
             Ok(Err(e)) if is_shortage(&e) => return Err(DialError::Shortage(e)),
             Ok(Err(e)) => tracing::debug!(%addr, error = %e, "Upstream connect failed"),
