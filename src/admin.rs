@@ -1,5 +1,5 @@
 //! The admin server (`[listen] admin`): `GET /metrics`, `/healthz`, `/readyz`, `/policy`,
-//! `/denied`, and `POST /reload`. Bind it to loopback, or to a network only Prometheus reaches.
+//! `/denied`, `POST /reload` and `POST /shadow/promote`. Bind it to loopback, or to a network only Prometheus reaches.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -14,7 +14,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::PortRange;
 use crate::policy::{Pattern, Rule};
-use crate::reload::Reloader;
+use crate::reload::{Promotion, Reloader};
 use crate::state::State;
 
 /// Answers one admin request. `server::run` accepts admin connections, within their own limit,
@@ -48,7 +48,24 @@ pub async fn respond(
                 reply(StatusCode::CONFLICT, TEXT, "this proxy was not started from files it can reload\n".into())
             }
         },
-        (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/denied" | "/reload") => {
+        (&Method::POST, "/shadow/promote") => match (authorized(&req, &state).await, reloader) {
+            (Err(refused), _) => refused,
+            (Ok(()), Some(reloader)) => match reloader.promote().await {
+                Ok(hash) => reply(StatusCode::OK, TEXT, format!("promoted {hash}\n")),
+                Err(Promotion::NoShadow) => {
+                    reply(StatusCode::CONFLICT, TEXT, "no [shadow] candidate to promote\n".into())
+                }
+                Err(Promotion::Invalid(errors)) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("the candidate does not load, the policy in force stays:\n{errors}\n"),
+                ),
+            },
+            (Ok(()), None) => {
+                reply(StatusCode::CONFLICT, TEXT, "this proxy was not started from files it can reload\n".into())
+            }
+        },
+        (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/denied" | "/reload" | "/shadow/promote") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into())
         }
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),

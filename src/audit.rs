@@ -131,6 +131,22 @@ pub struct Closed<'a> {
     pub duration_ms: u64,
 }
 
+/// A decision the `[shadow]` candidate policy would have made otherwise.
+#[derive(Debug, Serialize)]
+pub struct ShadowDiffers<'a> {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub listener: Listener,
+    pub host: Option<&'a str>,
+    pub port: Option<u16>,
+    /// `shadow_would_allow` or `shadow_would_deny`.
+    pub shadow: &'static str,
+    /// The candidate's rule (the allowing one, or the one that would refuse).
+    pub rule: Option<&'a str>,
+    /// Why the candidate would refuse.
+    pub reason: Option<&'static str>,
+}
+
 /// The moment a connection went past an upload limit of its rule: `upload_limit` (the tunnel is
 /// closed) or `upload_budget` (the client's new connections under the rule are refused until the
 /// window frees).
@@ -201,6 +217,12 @@ impl Audit {
         self.metrics.bytes.with_label_values(&[listener, "up"]).inc_by(c.bytes_up);
         self.metrics.bytes.with_label_values(&[listener, "down"]).inc_by(c.bytes_down);
         self.metrics.tunnel_duration.with_label_values(&[listener]).observe(c.duration_ms as f64 / 1000.0);
+    }
+
+    /// Writes the line of a decision the shadow policy differs on, and moves its metric.
+    pub fn shadow_differs(&self, s: &ShadowDiffers<'_>) {
+        self.write("shadow", s);
+        self.metrics.shadow_differences.with_label_values(&[s.shadow]).inc();
     }
 
     /// Writes the line of a crossed upload limit and moves its metric, at the moment it happens.

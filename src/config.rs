@@ -55,8 +55,18 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// `[shadow]`: a candidate policy evaluated beside the one in force, never enforced.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The candidate's config file, relative to this one.
+    pub config: Option<Spanned<String>>,
 }
 
 /// `[policy]`: how the policy as a whole is applied.

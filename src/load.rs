@@ -26,11 +26,38 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
     /// `digest_files` of exactly the bytes this policy was built from.
     pub digest: String,
+    /// The digest of each file in `files`, in order: `digest` combines them.
+    file_digests: Vec<[u8; 32]>,
+    /// `[shadow] config`: the candidate policy, compiled, and where it came from.
+    pub shadow: Option<Shadow>,
+}
+
+/// A candidate policy, evaluated beside the one in force and never enforced.
+#[derive(Debug)]
+pub struct Shadow {
+    pub policy: crate::policy::Policy,
+    /// The candidate's config file: what `POST /shadow/promote` loads.
+    pub path: PathBuf,
+    pub hash: String,
 }
 
 /// Loads `path` (or the embedded preset), overrides `regions` when `regions` is not empty, and
-/// compiles the policy. Every error names its file, line and field.
+/// compiles the policy, and the `[shadow]` candidate it names. Every error names its file, line
+/// and field; an error in the candidate fails the load like one in the config.
 pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErrors> {
+    let mut loaded = load_one(path, regions)?;
+    let Some(candidate) = loaded.config.shadow.config.as_ref() else { return Ok(loaded) };
+    let candidate_path = loaded.config.relative_path(candidate.get_ref());
+    // The candidate's own `[shadow]`, if it has one, is not followed: one level only.
+    let c = load_one(Some(&candidate_path), regions)?;
+    loaded.files.extend(c.files);
+    loaded.file_digests.extend(c.file_digests);
+    loaded.digest = combine(&loaded.file_digests);
+    loaded.shadow = Some(Shadow { policy: c.compiled.policy, path: candidate_path, hash: c.hash });
+    Ok(loaded)
+}
+
+fn load_one(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErrors> {
     let config = read_config(path, regions)?;
     let tags_text = config.service_tags_text()?;
     let tags = match &tags_text {
@@ -51,19 +78,21 @@ pub fn load(path: Option<&Path>, regions: &[String]) -> Result<Loaded, ConfigErr
     let hash = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
 
     let tag_path = config.service_tags.file.as_ref().map(|f| config.relative_path(f.get_ref()));
-    let (files, tags_written, digest) = match (&config.source.origin, tag_path) {
-        (Origin::Embedded, _) => (Vec::new(), tags_text.is_some().then(embedded_tags_written), String::new()),
+    let (files, tags_written, file_digests) = match (&config.source.origin, tag_path) {
+        (Origin::Embedded, _) => (Vec::new(), tags_text.is_some().then(embedded_tags_written), Vec::new()),
         (Origin::File(cfg), tag_path) => {
             let written = tag_path.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-            let mut read = vec![(cfg.clone(), config.source.text.as_bytes().to_vec())];
+            let mut files = vec![cfg.clone()];
+            let mut digests = vec![file_digest(cfg, config.source.text.as_bytes())];
             if let (Some(p), Some(t)) = (&tag_path, &tags_text) {
-                read.push((p.clone(), t.as_bytes().to_vec()));
+                files.push(p.clone());
+                digests.push(file_digest(p, t.as_bytes()));
             }
-            let digest = digest_pairs(read.iter().map(|(p, b)| (p.as_path(), b.as_slice())));
-            (read.into_iter().map(|(p, _)| p).collect(), written, digest)
+            (files, written, digests)
         }
     };
-    Ok(Loaded { config, compiled, tags, hash, tags_written, files, digest })
+    let digest = if file_digests.is_empty() { String::new() } else { combine(&file_digests) };
+    Ok(Loaded { config, compiled, tags, hash, tags_written, files, digest, file_digests, shadow: None })
 }
 
 /// ServiceTags_Public_20251020.json, the source of the embedded tag data: 2025-10-20T00:00:00Z.
@@ -92,18 +121,25 @@ fn read_config(path: Option<&Path>, regions: &[String]) -> Result<Config, Config
 /// A digest of files by path and contents, as read now from disk; equal to `Loaded::digest` while
 /// the files hold the bytes the policy was built from.
 pub fn digest_files(files: &[PathBuf]) -> String {
-    let read: Vec<(&Path, Vec<u8>)> =
-        files.iter().map(|f| (f.as_path(), std::fs::read(f).unwrap_or_default())).collect();
-    digest_pairs(read.iter().map(|(p, b)| (*p, b.as_slice())))
+    let digests: Vec<[u8; 32]> = files.iter().map(|f| file_digest(f, &std::fs::read(f).unwrap_or_default())).collect();
+    combine(&digests)
 }
 
-fn digest_pairs<'a>(pairs: impl Iterator<Item = (&'a Path, &'a [u8])>) -> String {
+/// One file's digest, by path and contents.
+fn file_digest(path: &Path, bytes: &[u8]) -> [u8; 32] {
     let mut d = Sha256::new();
-    for (path, bytes) in pairs {
-        d.update(path.as_os_str().as_encoded_bytes());
-        d.update([0]);
-        d.update((bytes.len() as u64).to_be_bytes());
-        d.update(bytes);
+    d.update(path.as_os_str().as_encoded_bytes());
+    d.update([0]);
+    d.update((bytes.len() as u64).to_be_bytes());
+    d.update(bytes);
+    d.finalize().into()
+}
+
+/// The digests of several files, in order, as one.
+fn combine(digests: &[[u8; 32]]) -> String {
+    let mut d = Sha256::new();
+    for one in digests {
+        d.update(one);
     }
     d.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -20,6 +20,7 @@
 //! | `egress_proxy_splice_pipe_fallbacks_total` | counter | |
 //! | `egress_proxy_descriptor_shortages_total` | counter | `at` (accept/dial) |
 //! | `egress_proxy_upload_limits_total` | counter | `rule`, `limit` (upload_limit/upload_budget) |
+//! | `egress_proxy_shadow_differences_total` | counter | `difference` (shadow_would_allow/shadow_would_deny) |
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -49,6 +50,7 @@ pub struct Metrics {
     pub pipe_fallbacks: IntCounter,
     pub descriptor_shortages: IntCounterVec,
     pub upload_limits: IntCounterVec,
+    pub shadow_differences: IntCounterVec,
 }
 
 impl Metrics {
@@ -141,6 +143,11 @@ impl Metrics {
             pipe_fallbacks: counter(
                 "egress_proxy_splice_pipe_fallbacks_total",
                 "Bursts copied through a buffer because no splice pipe was free ([limits] max_pipes).",
+            ),
+            shadow_differences: counter_vec(
+                "egress_proxy_shadow_differences_total",
+                "Decisions where the [shadow] candidate policy differs from the policy in force.",
+                &["difference"],
             ),
             upload_limits: counter_vec(
                 "egress_proxy_upload_limits_total",

@@ -23,7 +23,9 @@ use crate::state::{Limits, State};
 /// runtime's worker threads and are coalesced (`request`), so that no number of reload requests
 /// can stall the data path.
 pub struct Reloader {
-    path: Option<PathBuf>,
+    /// The config file reloads read: the one the proxy started from, or the `[shadow]` candidate
+    /// once it was promoted.
+    path: Mutex<Option<PathBuf>>,
     regions: Vec<String>,
     state: Arc<State>,
     busy: Mutex<()>,
@@ -33,6 +35,15 @@ pub struct Reloader {
     /// The last reload run: how many requests it answers (those made before it started), and its
     /// result. Held while a reload runs, so that requests queue behind it.
     last: tokio::sync::Mutex<Option<(u64, Result<String, ConfigErrors>)>>,
+}
+
+/// Why `POST /shadow/promote` did not promote.
+#[derive(Debug)]
+pub enum Promotion {
+    /// No `[shadow]` candidate is configured.
+    NoShadow,
+    /// The candidate does not load: the policy in force stays.
+    Invalid(ConfigErrors),
 }
 
 /// The files of the last load attempt, a digest of what they held, and whether it failed.
@@ -53,7 +64,7 @@ impl Reloader {
     ) -> Self {
         let watched = Mutex::new(Watched { files, digest, failed_at: None });
         Self {
-            path,
+            path: Mutex::new(path),
             regions,
             state,
             busy: Mutex::new(()),
@@ -89,8 +100,31 @@ impl Reloader {
     /// the runtime, use `request`.
     pub fn reload(&self) -> Result<String, ConfigErrors> {
         let _one_at_a_time = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let path = self.path.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        self.reload_from(path.as_deref())
+    }
+
+    /// `POST /shadow/promote`: loads the `[shadow]` candidate as a reload loads the config, with
+    /// the same validation, and puts it in force in one swap; from then on reloads read the
+    /// candidate's file. On error nothing changes. Until the next restart only: the proxy starts
+    /// from its config file, so put the candidate there to keep it.
+    pub async fn promote(self: &Arc<Self>) -> Result<String, Promotion> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.promote_now()).await.unwrap_or(Err(Promotion::NoShadow))
+    }
+
+    fn promote_now(&self) -> Result<String, Promotion> {
+        let _one_at_a_time = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let candidate = self.state.shadow.load().as_ref().map(|s| s.path.clone()).ok_or(Promotion::NoShadow)?;
+        let hash = self.reload_from(Some(&candidate)).map_err(Promotion::Invalid)?;
+        *self.path.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(candidate.clone());
+        tracing::warn!(config = %candidate.display(), hash = %hash, "Shadow policy promoted: it is the policy in force until restart");
+        Ok(hash)
+    }
+
+    fn reload_from(&self, path: Option<&std::path::Path>) -> Result<String, ConfigErrors> {
         let metrics = &self.state.metrics;
-        match load(self.path.as_deref(), &self.regions) {
+        match load(path, &self.regions) {
             Ok(loaded) => {
                 let hash = loaded.hash.clone();
                 warn_on_restart_only_changes(&self.state, &loaded.config);

@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use crate::audit::Audit;
 use crate::budgets::Budgets;
 use crate::config::{self, Config};
 use crate::descriptors::Shortage;
-use crate::load::Loaded;
+use crate::load::{Loaded, Shadow};
 use crate::metrics::Metrics;
 use crate::policy::{HostName, Policy};
 use crate::proxy::tunnel::pipes::Pipes;
@@ -26,6 +26,8 @@ use crate::resolve::Resolver;
 pub struct State {
     /// The policy in force. Written only by `apply`; read once per decision with `load_full`.
     pub policy: ArcSwap<Policy>,
+    /// `[shadow]`: the candidate policy evaluated beside it, never enforced. Written by `apply`.
+    pub shadow: ArcSwapOption<Shadow>,
     /// What `/policy` shows about the policy in force.
     pub info: ArcSwap<PolicyInfo>,
     pub resolver: Resolver,
@@ -75,6 +77,8 @@ pub struct PolicyInfo {
     pub mode: &'static str,
     /// Rules in report mode: what they would refuse is let through as `would_deny`.
     pub report_only_rules: Vec<String>,
+    /// `[shadow] config`: the candidate evaluated beside the policy in force, and its hash.
+    pub shadow: Option<String>,
 }
 
 // === impl State ===
@@ -93,6 +97,7 @@ impl State {
         let audit = Audit::open(&audit_path, config.audit.on_stall, metrics.clone())?;
         Ok(Self {
             policy: ArcSwap::from_pointee(Policy::empty()),
+            shadow: ArcSwapOption::empty(),
             info: ArcSwap::from_pointee(PolicyInfo::default()),
             resolver,
             audit,
@@ -118,7 +123,7 @@ impl State {
     /// Puts a loaded policy in force: the resolver's pins, `/policy`, the metrics, and last the
     /// policy itself, so that a connection that sees the new policy also sees its pins.
     pub fn apply(&self, loaded: Loaded) {
-        let Loaded { config, compiled, tags, hash, tags_written, .. } = loaded;
+        let Loaded { config, compiled, tags, hash, tags_written, shadow, .. } = loaded;
         let metrics = &self.metrics;
         metrics.config_info.reset();
         metrics.config_info.with_label_values(&[&hash]).set(1);
@@ -139,6 +144,7 @@ impl State {
             tracing::warn!(rules = %report_only_rules.join(", "), "REPORT MODE for some rules: what they would refuse is let through and audited as would_deny");
         }
         let mode = if policy.is_report_only() { "report" } else { "enforce" };
+        let shadow_info = shadow.as_ref().map(|s| format!("{} (sha256 {})", s.path.display(), s.hash));
         self.info.store(Arc::new(PolicyInfo {
             hash,
             loaded_at: now,
@@ -152,7 +158,13 @@ impl State {
                 .collect(),
             mode,
             report_only_rules,
+            shadow: shadow_info,
         }));
+        if let Some(shadow) = &shadow {
+            tracing::info!(candidate = %shadow.path.display(), hash = %shadow.hash, "Shadow policy evaluated beside the one in force");
+        }
+        // The candidate first: a connection that sees the new policy also sees its shadow.
+        self.shadow.store(shadow.map(Arc::new));
         self.policy.store(Arc::new(compiled.policy));
     }
 
@@ -197,6 +209,7 @@ impl Default for PolicyInfo {
             warnings: Vec::new(),
             mode: "enforce",
             report_only_rules: Vec::new(),
+            shadow: None,
         }
     }
 }

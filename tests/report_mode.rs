@@ -1,4 +1,4 @@
-//! Report mode, end to end on loopback: what enforcement would refuse is let through and audited
+//! Report mode and the shadow policy, end to end on loopback: what enforcement would refuse is let through and audited
 //! as `would_deny` with its reason, and counted apart; the built-in protections still refuse.
 #![allow(clippy::disallowed_methods)]
 
@@ -130,4 +130,84 @@ async fn admin_get(proxy: &TestProxy, path: &str) -> String {
 
 async fn admin_metrics(proxy: &TestProxy) -> String {
     admin_get(proxy, "/metrics").await
+}
+
+// === shadow policy ===
+
+async fn promote(proxy: &TestProxy) -> String {
+    let req = format!(
+        "POST /shadow/promote HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        proxy.admin_token
+    );
+    let (resp, _) = raw_exchange(proxy.admin_addr, req.as_bytes(), WAIT).await;
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+fn shadow_lines(lines: &[Value]) -> Vec<(String, String, String, String)> {
+    let s = |l: &Value, k: &str| l[k].as_str().unwrap_or("-").to_string();
+    lines
+        .iter()
+        .filter(|l| l["event"] == "shadow")
+        .map(|l| (s(l, "host"), s(l, "shadow"), s(l, "reason"), s(l, "rule")))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_shadow_policy_reports_where_it_differs_and_is_promoted_only_when_it_loads() {
+    let echo = echo_origin().await;
+    let port = echo.port();
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("candidate.toml");
+    let good = format!(
+        "[safety]\nallow_internal = [\"127.0.0.0/8\"]\n[resolve.static]\n\"a.test\" = [\"127.0.0.1\"]\n\"b.test\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"b-only\"\naction = \"allow\"\nhosts = [\"b.test\"]\nports = [{port}]\ntls_only = false\n"
+    );
+    std::fs::write(&candidate, &good).unwrap();
+    let rules = format!(
+        "[shadow]\nconfig = {:?}\n[resolve.static]\n\"a.test\" = [\"127.0.0.1\"]\n\"b.test\" = [\"127.0.0.1\"]\n\
+         [[rule]]\nname = \"a-only\"\naction = \"allow\"\nhosts = [\"a.test\"]\nports = [{port}]\ntls_only = false\n",
+        candidate.display().to_string()
+    );
+    let proxy = TestProxy::builder(&rules).watch(false).start().await;
+    let policy = admin_get(&proxy, "/policy").await;
+    assert!(policy.contains("candidate.toml (sha256 "), "/policy names the candidate: {policy}");
+
+    // The candidate is never enforced: each decision stands, and the difference is audited.
+    let (head, mut s) = connect(proxy.addr, &format!("a.test:{port}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    echoes(&mut s).await;
+    let (head, _) = connect(proxy.addr, &format!("b.test:{port}")).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let lines = proxy.audit_at_least(3).await;
+    assert_eq!(
+        shadow_lines(&lines),
+        [line("a.test", "shadow_would_deny", "no_rule", "-"), line("b.test", "shadow_would_allow", "-", "b-only"),]
+    );
+    let metrics = admin_metrics(&proxy).await;
+    for difference in ["shadow_would_allow", "shadow_would_deny"] {
+        let series = format!("egress_proxy_shadow_differences_total{{difference=\"{difference}\"}} 1");
+        assert!(metrics.contains(&series), "{series}: {metrics}");
+    }
+
+    // A candidate that no longer loads is not promoted: the policy in force stays.
+    std::fs::write(&candidate, "[[rule]]\nname = \"b-only\"\naction = \"alow\"\n").unwrap();
+    let refused = promote(&proxy).await;
+    assert!(refused.starts_with("HTTP/1.1 500"), "{refused}");
+    assert!(refused.contains("candidate.toml:3"), "the error names the file and line: {refused}");
+    let (head, _) = connect(proxy.addr, &format!("a.test:{port}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Promoted: the candidate is the policy in force.
+    std::fs::write(&candidate, &good).unwrap();
+    let promoted = promote(&proxy).await;
+    assert!(promoted.starts_with("HTTP/1.1 200"), "{promoted}");
+    let (head, mut s) = connect(proxy.addr, &format!("b.test:{port}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    echoes(&mut s).await;
+    let (head, _) = connect(proxy.addr, &format!("a.test:{port}")).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Promoting needs the admin token, like a reload.
+    let req = "POST /shadow/promote HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let (resp, _) = raw_exchange(proxy.admin_addr, req.as_bytes(), WAIT).await;
+    assert!(resp.starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&resp));
 }

@@ -47,6 +47,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         transparent,
         admin: _,
         policy: policy_config,
+        shadow: _,
         source,
     } = config;
     let mut cx = Cx { source, tags, names: transparent.names, errors: Vec::new(), warnings: Vec::new() };

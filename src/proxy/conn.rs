@@ -14,10 +14,11 @@ use http::Method;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{Closed, Decided, LimitCrossed, Listener, Verdict};
+use crate::audit::{Closed, Decided, LimitCrossed, Listener, ShadowDiffers, Verdict};
 use crate::budgets::Crossed;
 use crate::descriptors::At;
-use crate::policy::{Decision, DenyReason, Destination, HostName, Policy, Query, RuleId};
+use crate::load::Shadow;
+use crate::policy::{Decision, DenyReason, Destination, Host, HostName, Policy, Query, RuleId};
 use crate::state::State;
 
 use super::authorize::{
@@ -57,6 +58,8 @@ pub struct Conn {
     decided: bool,
     state: Arc<State>,
     policy: Arc<Policy>,
+    /// The `[shadow]` candidate in force with `policy`, if any.
+    shadow: Option<Arc<Shadow>>,
 }
 
 /// Writes the close line of an allowed connection when dropped: at the end of a tunnel, or when
@@ -98,6 +101,7 @@ impl Conn {
             host: None,
             port: None,
             decided: false,
+            shadow: state.shadow.load_full(),
             policy: state.policy.load_full(),
             state: Arc::clone(state),
         }
@@ -260,6 +264,13 @@ impl Conn {
         if std::mem::replace(&mut self.decided, true) {
             return;
         }
+        let enforced = match outcome {
+            Outcome::Allowed(u) => Some((u.reported.is_none(), Some(u.addr))),
+            // Only the policy's own refusals are compared: the candidate says nothing about a
+            // malformed request or an upstream that failed.
+            Outcome::Refused(Refusal::Policy { .. }) => Some((false, None)),
+            Outcome::Refused(_) => None,
+        };
         let (decision, dst_addr, rule, reason, note) = match outcome {
             Outcome::Allowed(u) => {
                 let note = u.mismatch.then_some("original_dst_mismatch");
@@ -284,6 +295,41 @@ impl Conn {
             reason,
             original_dst: self.original_dst,
             note,
+        });
+        if let Some((allowed, dialled)) = enforced {
+            self.compare_shadow(allowed, dialled);
+        }
+    }
+
+    /// Decides the connection again with the `[shadow]` candidate, as enforcement decided it (by
+    /// name, and by the address dialled once there is one), and audits a difference.
+    fn compare_shadow(&self, allowed: bool, dialled: Option<SocketAddr>) {
+        let Some(shadow) = &self.shadow else { return };
+        let host = self.host.as_deref().and_then(|h| Host::parse(h).ok());
+        let addr = match &host {
+            Some(Host::Ip(ip)) => Some(*ip),
+            _ => dialled.or(self.original_dst).map(|a| a.ip()),
+        };
+        let Some(port) = self.port.or(self.original_dst.map(|a| a.port())) else { return };
+        let name = host.as_ref().and_then(Host::name);
+        if name.is_none() && addr.is_none() {
+            return;
+        }
+        let q = Query { name, addr, port, source: Some(self.client.ip()) };
+        let (difference, rule, reason) = match (allowed, shadow.policy.decide(&q)) {
+            (true, Decision::Deny { reason, rule }) => ("shadow_would_deny", rule, Some(reason.as_str())),
+            (false, Decision::Allow { rule }) => ("shadow_would_allow", Some(rule), None),
+            _ => return,
+        };
+        self.state.audit.shadow_differs(&ShadowDiffers {
+            id: self.id,
+            client: self.client,
+            listener: self.listener,
+            host: self.host.as_deref(),
+            port: Some(port),
+            shadow: difference,
+            rule: rule.map(|r| shadow.policy.rule_name(r)),
+            reason,
         });
     }
 }
