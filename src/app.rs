@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budgets;
 use crate::descriptors;
+use crate::dns::{self, DnsFilter};
 use crate::load::Loaded;
 use crate::refresh::Refresher;
 use crate::reload::{self, Reloader};
-use crate::server::{self, Listeners};
+use crate::server::{self, DnsListener, Listeners};
 use crate::state::State;
 
 /// Runs the proxy on `loaded`, which came from `config` (or the embedded preset) with `regions`;
@@ -87,6 +88,20 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
             }
         }
     }
+    let dns_sockets = match listen.dns {
+        None => None,
+        Some(addr) => match dns::bind(addr).await {
+            Ok((udp, tcp)) => {
+                let bound = udp.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(listener = "dns", addr = %bound, config = %origin, rules, "Listening (UDP and TCP)");
+                Some((udp, tcp))
+            }
+            Err(e) => {
+                tracing::error!(listener = "dns", addr = %addr, error = %e, "Cannot bind");
+                return ExitCode::from(1);
+            }
+        },
+    };
     let state = match State::new(&loaded.config) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -94,6 +109,11 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
             return ExitCode::from(1);
         }
     };
+    listeners.dns = dns_sockets.map(|(udp, tcp)| DnsListener {
+        udp,
+        tcp,
+        filter: Arc::new(DnsFilter::new(Arc::clone(&state), &loaded.config.dns)),
+    });
     let shutdown = CancellationToken::new();
     let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
     let reloader = Arc::new(Reloader::new(config.clone(), regions.clone(), state.clone(), files, digest));

@@ -131,6 +131,29 @@ pub struct Closed<'a> {
     pub duration_ms: u64,
 }
 
+/// One DNS decision, as its audit line has it.
+#[derive(Debug, Serialize)]
+pub struct DnsDecided<'a> {
+    pub client: SocketAddr,
+    pub name: &'a str,
+    #[serde(rename = "type")]
+    pub qtype: &'a str,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    pub reason: Option<&'static str>,
+    pub rule: Option<&'a str>,
+}
+
+/// The tunnelling alarm, as its audit line has it.
+#[derive(Debug, Serialize)]
+pub struct DnsAlarm<'a> {
+    pub client: SocketAddr,
+    pub suffix: &'a str,
+    pub unique_names: usize,
+    pub min_length: usize,
+    pub window_s: u64,
+}
+
 /// A decision the `[shadow]` candidate policy would have made otherwise.
 #[derive(Debug, Serialize)]
 pub struct ShadowDiffers<'a> {
@@ -217,6 +240,18 @@ impl Audit {
         self.metrics.bytes.with_label_values(&[listener, "up"]).inc_by(c.bytes_up);
         self.metrics.bytes.with_label_values(&[listener, "down"]).inc_by(c.bytes_down);
         self.metrics.tunnel_duration.with_label_values(&[listener]).observe(c.duration_ms as f64 / 1000.0);
+    }
+
+    /// Writes the line of one DNS question's decision, and counts it.
+    pub fn dns_decided(&self, d: &DnsDecided<'_>) {
+        self.write("dns", d);
+        self.metrics.dns_queries.with_label_values(&[d.decision, d.qtype, d.reason.unwrap_or_default()]).inc();
+    }
+
+    /// Writes the line of a DNS tunnelling alarm, and counts it.
+    pub fn dns_alarm(&self, a: &DnsAlarm<'_>) {
+        self.write("dns_alarm", a);
+        self.metrics.dns_alarms.inc();
     }
 
     /// Writes the line of a decision the shadow policy differs on, and moves its metric.

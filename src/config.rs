@@ -57,8 +57,93 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub shadow: ShadowConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
     #[serde(skip)]
     pub source: Source,
+}
+
+/// `[dns]`: the DNS filter served on `[listen] dns`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// How a refused query is answered: `refused` (default) or `nxdomain`.
+    #[serde(default)]
+    pub refuse_with: RefuseWith,
+    /// Suffixes a CNAME chain of an allowed answer may pass through besides allowed names
+    /// (`azurefd.net`, `trafficmanager.net`): every other target cuts the answer (`cname_escape`).
+    #[serde(default)]
+    pub follow_cnames: Vec<Spanned<String>>,
+    /// Longest name answered, in bytes, dots included.
+    #[serde(default = "dns_max_name")]
+    pub max_name_length: usize,
+    /// Longest label answered.
+    #[serde(default = "dns_max_label")]
+    pub max_label_length: usize,
+    /// Queries one client may ask per second (a burst of this many, refilled at this rate).
+    #[serde(default = "dns_rate")]
+    pub rate_per_client: u32,
+    /// The tunnelling alarm: a client that asks for this many distinct names of at least
+    /// `min_length` bytes under one suffix within `window`.
+    #[serde(default)]
+    pub tunnel_alarm: TunnelAlarm,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum RefuseWith {
+    #[default]
+    Refused,
+    Nxdomain,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelAlarm {
+    #[serde(default = "alarm_names")]
+    pub unique_names: usize,
+    #[serde(default = "alarm_length")]
+    pub min_length: usize,
+    #[serde(default = "alarm_window")]
+    pub window: Seconds,
+}
+
+impl Default for TunnelAlarm {
+    fn default() -> Self {
+        Self { unique_names: alarm_names(), min_length: alarm_length(), window: alarm_window() }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            refuse_with: RefuseWith::default(),
+            follow_cnames: Vec::new(),
+            max_name_length: dns_max_name(),
+            max_label_length: dns_max_label(),
+            rate_per_client: dns_rate(),
+            tunnel_alarm: TunnelAlarm::default(),
+        }
+    }
+}
+
+fn dns_max_name() -> usize {
+    253
+}
+fn dns_max_label() -> usize {
+    63
+}
+fn dns_rate() -> u32 {
+    200
+}
+fn alarm_names() -> usize {
+    50
+}
+fn alarm_length() -> usize {
+    40
+}
+fn alarm_window() -> Seconds {
+    Seconds(Duration::from_secs(60))
 }
 
 /// `[shadow]`: a candidate policy evaluated beside the one in force, never enforced.
@@ -161,6 +246,8 @@ pub struct Listen {
     pub plain: Option<SocketAddr>,
     pub catch_all: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The DNS filter, on UDP and TCP at the same address (see `[dns]`).
+    pub dns: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +309,10 @@ pub struct RuleConfig {
     /// `report`: what this rule would refuse is let through and audited as `would_deny`.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// DNS record types the DNS filter answers for this rule's names beyond A, AAAA, CNAME,
+    /// HTTPS and SVCB (`["TXT"]`).
+    #[serde(default)]
+    pub dns_types: Vec<Spanned<String>>,
 }
 
 /// `upload_budget = { bytes = 1073741824, per = "1h" }`.

@@ -29,6 +29,8 @@
 //!   of the proxy).
 //! - `budgets`: each client's `upload_budget` window per rule, counted by the tunnels, asked by
 //!   `authorize`; keyed by rule name so that a reload keeps the count.
+//! - `dns`: the DNS filter on `[listen] dns`: answers only for names the policy could allow,
+//!   through the proxy's own resolver and cache; audits and counts every question.
 //! - `descriptors`: the descriptor limit raised and checked at start; the shortage record that
 //!   refuses with `local_resources`, backs off accepts and makes `/readyz` not ready.
 //! - `resolve`: `[resolve] static` pins, then DNS (hickory); returns every address.
@@ -62,6 +64,7 @@ pub mod cli;
 pub mod config;
 pub mod denied;
 pub mod descriptors;
+pub mod dns;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod learn;

@@ -21,6 +21,9 @@
 //! | `egress_proxy_descriptor_shortages_total` | counter | `at` (accept/dial) |
 //! | `egress_proxy_upload_limits_total` | counter | `rule`, `limit` (upload_limit/upload_budget) |
 //! | `egress_proxy_shadow_differences_total` | counter | `difference` (shadow_would_allow/shadow_would_deny) |
+//! | `egress_proxy_dns_queries_total` | counter | `decision` (allow/deny), `type`, `reason` |
+//! | `egress_proxy_dns_upstream_duration_seconds` | histogram | |
+//! | `egress_proxy_dns_tunnel_alarms_total` | counter | |
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -51,6 +54,9 @@ pub struct Metrics {
     pub descriptor_shortages: IntCounterVec,
     pub upload_limits: IntCounterVec,
     pub shadow_differences: IntCounterVec,
+    pub dns_queries: IntCounterVec,
+    pub dns_upstream: prometheus::Histogram,
+    pub dns_alarms: IntCounter,
 }
 
 impl Metrics {
@@ -143,6 +149,26 @@ impl Metrics {
             pipe_fallbacks: counter(
                 "egress_proxy_splice_pipe_fallbacks_total",
                 "Bursts copied through a buffer because no splice pipe was free ([limits] max_pipes).",
+            ),
+            dns_queries: counter_vec(
+                "egress_proxy_dns_queries_total",
+                "Questions to the DNS filter by decision, record type and reason.",
+                &["decision", "type", "reason"],
+            ),
+            dns_upstream: register(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "egress_proxy_dns_upstream_duration_seconds",
+                        "Time to answer an allowed DNS question (the resolver's cache, or the upstream).",
+                    )
+                    .buckets(vec![0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                )
+                .unwrap_or_else(|e| invalid("dns_upstream", e)),
+            ),
+            dns_alarms: counter(
+                "egress_proxy_dns_tunnel_alarms_total",
+                "DNS tunnelling alarms: a client asking for many unique long names under one suffix.",
             ),
             shadow_differences: counter_vec(
                 "egress_proxy_shadow_differences_total",

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig, ResolverOpts};
+use hickory_resolver::error::ResolveErrorKind;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioAsyncResolver;
 use prometheus::IntCounter;
 use tokio::sync::OnceCell;
@@ -37,6 +40,8 @@ pub enum ResolveError {
     Timeout,
     #[error("no DNS resolver is configured")]
     NoResolver,
+    #[error("the name does not exist (NXDOMAIN)")]
+    NoSuchName,
 }
 
 impl Resolver {
@@ -99,6 +104,48 @@ impl Resolver {
         }
     }
 
+    /// The records the upstream resolvers answer for `name` and `rtype` (a CNAME chain included),
+    /// through the same client and cache as `resolve`: what the DNS filter hands a client is then
+    /// what the proxy itself finds for that name, until its TTL. A pinned name answers A and AAAA
+    /// from its pins.
+    pub async fn lookup_records(&self, name: &HostName, rtype: RecordType) -> Result<Vec<Record>, ResolveError> {
+        self.lookups.inc();
+        let result = self.lookup_records_now(name, rtype).await;
+        if result.is_err() {
+            self.failures.inc();
+        }
+        result
+    }
+
+    async fn lookup_records_now(&self, name: &HostName, rtype: RecordType) -> Result<Vec<Record>, ResolveError> {
+        let fqdn = Name::from_ascii(format!("{name}.")).map_err(|_| ResolveError::NoAddress)?;
+        if let Some(pinned) = self.pins.load().get(name) {
+            let records = pinned.iter().filter_map(|ip| match (ip, rtype) {
+                (IpAddr::V4(v4), RecordType::A) => {
+                    Some(Record::from_rdata(fqdn.clone(), PIN_TTL, RData::A((*v4).into())))
+                }
+                (IpAddr::V6(v6), RecordType::AAAA) => {
+                    Some(Record::from_rdata(fqdn.clone(), PIN_TTL, RData::AAAA((*v6).into())))
+                }
+                _ => None,
+            });
+            return Ok(records.collect());
+        }
+        let dns = self.dns.get_or_try_init(|| async { self.build() }).await.map_err(|_| ResolveError::NoResolver)?;
+        match tokio::time::timeout(self.timeout, dns.lookup(fqdn, rtype)).await {
+            Err(_) => Err(ResolveError::Timeout),
+            Ok(Err(e)) => match e.kind() {
+                ResolveErrorKind::NoRecordsFound { response_code: ResponseCode::NXDomain, .. } => {
+                    Err(ResolveError::NoSuchName)
+                }
+                // The name exists, with no record of this type.
+                ResolveErrorKind::NoRecordsFound { response_code: ResponseCode::NoError, .. } => Ok(Vec::new()),
+                _ => Err(ResolveError::NoAddress),
+            },
+            Ok(Ok(answer)) => Ok(answer.records().to_vec()),
+        }
+    }
+
     /// The DNS client: the configured upstreams, each over UDP and then TCP, with no search
     /// domains and no hosts file (`[resolve] static` is the place for pins); or else the system's.
     fn build(&self) -> Result<TokioAsyncResolver, std::io::Error> {
@@ -117,3 +164,6 @@ impl Resolver {
         Ok(TokioAsyncResolver::tokio(config, opts))
     }
 }
+
+/// The TTL of an answer made from `[resolve] static` pins.
+const PIN_TTL: u32 = 60;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::admin;
 use crate::audit::Listener;
 use crate::descriptors::{has_pending, is_shortage, At, Spare};
+use crate::dns::{self, DnsFilter};
 use crate::proxy::conn::{Conn, ConnCx};
 use crate::proxy::http::{handle, http1_builder};
 use crate::proxy::transparent::{self, Redirect};
@@ -39,6 +40,15 @@ pub struct Listeners {
     pub plain: Option<TcpListener>,
     pub catch_all: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// The DNS filter's sockets (UDP and TCP on one address), and the filter.
+    pub dns: Option<DnsListener>,
+}
+
+/// `[listen] dns`: a UDP socket and a TCP listener on the same address.
+pub struct DnsListener {
+    pub udp: UdpSocket,
+    pub tcp: TcpListener,
+    pub filter: Arc<DnsFilter>,
 }
 
 /// Serves until `shutdown` is cancelled, then drains.
@@ -65,6 +75,11 @@ pub async fn run(
         let (state, tracker, stop, shutdown, admission) =
             (state.clone(), tracker.clone(), stop.clone(), shutdown.clone(), admission.clone());
         accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission)));
+    }
+    if let Some(DnsListener { udp, tcp, filter }) = listeners.dns {
+        let (tracker, shutdown) = (tracker.clone(), shutdown.clone());
+        accepts.push(tokio::spawn(dns::serve_udp(udp, Arc::clone(&filter), shutdown.clone(), tracker.clone())));
+        accepts.push(tokio::spawn(dns::serve_tcp(tcp, filter, shutdown, tracker)));
     }
     if let Some(l) = listeners.admin {
         let (state, tracker, stop, shutdown) = (state.clone(), tracker.clone(), stop.clone(), shutdown.clone());

@@ -48,6 +48,7 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
         admin: _,
         policy: policy_config,
         shadow: _,
+        dns: _,
         source,
     } = config;
     let mut cx = Cx { source, tags, names: transparent.names, errors: Vec::new(), warnings: Vec::new() };
@@ -228,7 +229,22 @@ impl Cx<'_> {
             max_upload_bytes,
             upload_budget,
             mode,
+            dns_types,
         } = rc;
+        let mut extra_dns_types = Vec::new();
+        for (i, t) in dns_types.iter().enumerate() {
+            let text = t.get_ref().to_ascii_uppercase();
+            match text.as_str() {
+                "A" | "AAAA" | "CNAME" | "HTTPS" | "SVCB" | "TXT" | "MX" | "SRV" | "CAA" | "NS" | "SOA" | "PTR" => {
+                    extra_dns_types.push(text.into_boxed_str())
+                }
+                _ => self.error(
+                    t.span(),
+                    &format!("{label}.dns_types[{i}]"),
+                    format!("{:?} is not a record type the DNS filter answers (A, AAAA, CNAME, HTTPS, SVCB, TXT, MX, SRV, CAA, NS, SOA, PTR)", t.get_ref()),
+                ),
+            }
+        }
         let before = self.errors.len();
         if let Some(max) = max_upload_bytes.as_ref().filter(|m| *m.get_ref() == 0) {
             let why = "0 would close every tunnel at its first byte: leave it out for no limit";
@@ -337,6 +353,7 @@ impl Cx<'_> {
                 .as_ref()
                 .map(|b| UploadBudget { bytes: b.get_ref().bytes, per: b.get_ref().per.0 }),
             report: *mode == Some(Mode::Report),
+            dns_types: extra_dns_types,
         })
     }
 

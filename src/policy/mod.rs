@@ -83,6 +83,8 @@ pub struct Rule {
     pub upload_budget: Option<UploadBudget>,
     /// `mode = "report"`: what this rule would refuse is let through as `would_deny`.
     pub report: bool,
+    /// Record types the DNS filter answers for this rule's names beyond the default ones.
+    pub dns_types: Vec<Box<str>>,
 }
 
 /// Bytes one client address may send up through a rule, per window.
@@ -217,6 +219,43 @@ impl Policy {
             return false;
         }
         self.report || rule.and_then(|r| self.rule(r)).is_some_and(|r| r.report)
+    }
+
+    /// For the DNS filter: whether some enabled allow rule could let a connection to `name`
+    /// through, on any port, for `client`: the first such rule, or why not. A deny rule whose
+    /// hosts match the name wins, whatever its ports, since an answer serves every port.
+    pub fn name_could_be_allowed(
+        &self,
+        name: &HostName,
+        client: IpAddr,
+    ) -> Result<RuleId, (DenyReason, Option<RuleId>)> {
+        let mut allow = None;
+        let mut denied = None;
+        let mut near = None;
+        self.names.for_each_match(name, |id| {
+            let Some(rule) = self.rule(id) else { return };
+            if rule.protocol != Protocol::Tcp {
+                return;
+            }
+            if !rule.sources.is_empty() && !rule.sources.iter().any(|n| n.contains(&fold_mapped(client))) {
+                near.get_or_insert(id);
+                return;
+            }
+            match rule.action {
+                Action::Deny => {
+                    denied.get_or_insert(id);
+                }
+                Action::Allow => {
+                    allow.get_or_insert(id);
+                }
+            }
+        });
+        match (denied, allow, near) {
+            (Some(id), _, _) => Err((DenyReason::DeniedByRule, Some(id))),
+            (None, Some(id), _) => Ok(id),
+            (None, None, Some(id)) => Err((DenyReason::SourceNotAllowed, Some(id))),
+            (None, None, None) => Err((DenyReason::NoRule, None)),
+        }
     }
 
     /// `[policy] mode = "report"`.

@@ -115,7 +115,7 @@ fn reported_permit(
 fn resolve_refusal(e: ResolveError) -> Refusal {
     match e {
         ResolveError::Timeout => Refusal::ResolveTimeout,
-        ResolveError::NoAddress | ResolveError::NoResolver => Refusal::ResolveFailed,
+        ResolveError::NoAddress | ResolveError::NoResolver | ResolveError::NoSuchName => Refusal::ResolveFailed,
     }
 }
 

@@ -8,14 +8,18 @@
 //! | `fail` | SERVFAIL |
 //! | `nothing` | NOERROR with no records |
 //! | `missing` | NXDOMAIN |
+//! | `escape` | CNAME `leak.evil.test`, and its A 127.0.0.1 |
+//! | `chain` | CNAME `edge.front.test`, and its A 127.0.0.1 |
+//! | `rotate` | A 127.0.0.N, N counting up from 2 with every question |
 //! | any other | A 127.0.0.1 (and no AAAA) |
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::net::{TcpListener, UdpSocket};
 
 pub struct DnsServer {
@@ -69,6 +73,8 @@ async fn bind_pair() -> (UdpSocket, TcpListener) {
     panic!("no port free for both UDP and TCP on 127.0.0.1");
 }
 
+static ROTATE: AtomicU8 = AtomicU8::new(2);
+
 fn answer(query: &Message) -> Option<Vec<u8>> {
     let q = query.queries().first()?;
     let label = q.name().iter().next().map(|l| String::from_utf8_lossy(l).to_lowercase()).unwrap_or_default();
@@ -84,6 +90,16 @@ fn answer(query: &Message) -> Option<Vec<u8>> {
             resp.set_response_code(ResponseCode::NXDomain);
         }
         "nothing" => {}
+        "escape" | "chain" if q.query_type() == RecordType::A => {
+            let target = if label == "escape" { "leak.evil.test." } else { "edge.front.test." };
+            let target = Name::from_ascii(target).unwrap();
+            resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::CNAME(CNAME(target.clone()))));
+            resp.add_answer(Record::from_rdata(target, 60, RData::A(A(Ipv4Addr::LOCALHOST))));
+        }
+        "rotate" if q.query_type() == RecordType::A => {
+            let n = ROTATE.fetch_add(1, Ordering::SeqCst);
+            resp.add_answer(Record::from_rdata(q.name().clone(), 300, RData::A(A(Ipv4Addr::new(127, 0, 0, n)))));
+        }
         _ if q.query_type() == RecordType::A => {
             resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A(Ipv4Addr::LOCALHOST))));
         }

@@ -49,6 +49,8 @@ pub struct TestProxy {
     pub dir: tempfile::TempDir,
     /// The bearer token of the admin server's mutating endpoints (`[admin] token_file`).
     pub admin_token: String,
+    /// The DNS filter's address (UDP and TCP), when started with `dns(true)`.
+    pub dns_addr: Option<SocketAddr>,
 }
 
 /// How to start a [`TestProxy`]: `TestProxy::builder(rules).watch(false).start().await`.
@@ -56,6 +58,7 @@ pub struct TestProxyBuilder<'a> {
     rules: &'a str,
     watch: bool,
     admin_token: bool,
+    dns: bool,
 }
 
 impl TestProxy {
@@ -67,7 +70,7 @@ impl TestProxy {
     }
 
     pub fn builder(rules: &str) -> TestProxyBuilder<'_> {
-        TestProxyBuilder { rules, watch: true, admin_token: true }
+        TestProxyBuilder { rules, watch: true, admin_token: true, dns: false }
     }
 
     /// The audit lines so far. Lines are queued before the client is answered and written by the
@@ -107,6 +110,12 @@ impl TestProxyBuilder<'_> {
         self
     }
 
+    /// Serves the DNS filter too, on 127.0.0.1:0 (UDP and TCP).
+    pub fn dns(mut self, on: bool) -> Self {
+        self.dns = on;
+        self
+    }
+
     pub async fn start(self) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let audit_path = dir.path().join("audit.jsonl");
@@ -125,9 +134,20 @@ impl TestProxyBuilder<'_> {
         );
         let config = dir.path().join("proxy.toml");
         std::fs::write(&config, text).unwrap();
-        let loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
+        let mut loaded = load(Some(&config), &[]).unwrap_or_else(|e| panic!("test config: {e}"));
         let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
+        // Read at start, like `[listen]`: the DNS filter's settings, taken before the state is built.
+        let dns_config = std::mem::take(&mut loaded.config.dns);
         let state = Arc::new(State::build(loaded).unwrap());
+        let (dns, dns_addr) = match self.dns {
+            false => (None, None),
+            true => {
+                let (udp, tcp) = egress_proxy::dns::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                let addr = udp.local_addr().unwrap();
+                let filter = Arc::new(egress_proxy::dns::DnsFilter::new(state.clone(), &dns_config));
+                (Some(server::DnsListener { udp, tcp, filter }), Some(addr))
+            }
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -137,9 +157,9 @@ impl TestProxyBuilder<'_> {
         if self.watch {
             tokio::spawn(reload::watch(reloader.clone(), WATCH_EVERY, shutdown.clone()));
         }
-        let listeners = Listeners { http: Some(listener), admin: Some(admin), ..Listeners::default() };
+        let listeners = Listeners { http: Some(listener), admin: Some(admin), dns, ..Listeners::default() };
         let done = tokio::spawn(server::run(listeners, state.clone(), Some(reloader), shutdown.clone()));
-        TestProxy { addr, admin_addr, config, state, audit_path, shutdown, done, dir, admin_token }
+        TestProxy { addr, admin_addr, config, state, audit_path, shutdown, done, dir, admin_token, dns_addr }
     }
 }
 

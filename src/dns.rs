@@ -1,0 +1,413 @@
+//! The DNS filter on `[listen] dns` (UDP and TCP): the nodes' resolver, which answers only for
+//! names the policy could ever let through, so that the DNS question itself cannot carry data to
+//! an attacker's name server. Built on hickory: the wire format is hickory-proto's, and allowed
+//! questions are asked through the proxy's own resolver (`resolve::Resolver`), whose cache the
+//! proxy then uses for the same names.
+//!
+//! A question is answered when, in order: the client is within its rate, the name and its labels
+//! are within their caps, the type is one the filter answers (A, AAAA, CNAME, HTTPS, SVCB, and a
+//! rule's `dns_types`), some allow rule could match the name on some port and no deny rule
+//! matches it, and every CNAME in the answer stays within allowed names or `[dns]
+//! follow_cnames`. Everything else gets REFUSED (or NXDOMAIN, `[dns] refuse_with`) without
+//! leaving the machine. Every decision is audited (`event: dns`) and counted. HTTPS and SVCB
+//! answers lose their `ech` parameters, since Encrypted Client Hello is refused anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_resolver::proto::rr::rdata::svcb::SvcParamKey;
+use hickory_resolver::proto::rr::rdata::{HTTPS, SVCB};
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{DnsAlarm, DnsDecided};
+use crate::config::{DnsConfig, RefuseWith, TunnelAlarm};
+use crate::policy::{HostName, Policy, RuleId};
+use crate::resolve::ResolveError;
+use crate::state::State;
+
+/// The filter: its settings (read at start) and what it remembers per client.
+pub struct DnsFilter {
+    state: Arc<State>,
+    refuse_with: RefuseWith,
+    follow_cnames: Vec<String>,
+    max_name: usize,
+    max_label: usize,
+    rate: f64,
+    alarm: TunnelAlarm,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    seen: Mutex<HashMap<(IpAddr, String), Seen>>,
+}
+
+/// A client's token bucket.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The long names one client asked for under one suffix, in the current alarm window.
+struct Seen {
+    start: Instant,
+    names: HashSet<String>,
+    alarmed: bool,
+}
+
+/// Why a question was not answered.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Refused {
+    Policy(&'static str, Option<RuleId>),
+    RateLimit,
+    NameTooLong,
+    TypeNotAllowed(Option<RuleId>),
+    CnameEscape(RuleId),
+    Upstream(ResponseCode),
+}
+
+impl DnsFilter {
+    pub fn new(state: Arc<State>, cfg: &DnsConfig) -> Self {
+        let follow_cnames = cfg
+            .follow_cnames
+            .iter()
+            .map(|s| s.get_ref().trim_start_matches("*.").trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        Self {
+            state,
+            refuse_with: cfg.refuse_with,
+            follow_cnames,
+            max_name: cfg.max_name_length,
+            max_label: cfg.max_label_length,
+            rate: f64::from(cfg.rate_per_client.max(1)),
+            alarm: cfg.tunnel_alarm,
+            buckets: Mutex::default(),
+            seen: Mutex::default(),
+        }
+    }
+
+    /// The answer to one query packet, or `None` for bytes that are not a DNS query at all (the
+    /// listener drops them). A packet with a readable id but no readable question gets FORMERR.
+    pub async fn answer(&self, client: SocketAddr, packet: &[u8]) -> Option<Vec<u8>> {
+        let query = match Message::from_vec(packet) {
+            Ok(m) if m.message_type() == MessageType::Query => m,
+            Ok(_) => return None,
+            Err(_) => {
+                let id = u16::from_be_bytes([*packet.first()?, *packet.get(1)?]);
+                return reply(id, false, None, ResponseCode::FormErr, Vec::new());
+            }
+        };
+        let (id, rd) = (query.id(), query.recursion_desired());
+        let [question] = query.queries() else {
+            return reply(id, rd, None, ResponseCode::FormErr, Vec::new());
+        };
+        if query.op_code() != OpCode::Query {
+            return reply(id, rd, Some(question), ResponseCode::NotImp, Vec::new());
+        }
+        let qtype = question.query_type();
+        let ascii = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        self.watch_for_tunnelling(client, &ascii);
+        let decided = self.decide(client, question, &ascii).await;
+        let policy = self.state.policy.load();
+        let (decision, reason, rule) = match &decided {
+            Ok((_, rule)) => ("allow", None, Some(*rule)),
+            Err(refused) => ("deny", Some(refused.reason()), refused.rule()),
+        };
+        self.state.audit.dns_decided(&DnsDecided {
+            client,
+            name: &ascii,
+            qtype: &qtype.to_string(),
+            decision,
+            reason,
+            rule: rule.map(|r| policy.rule_name(r)),
+        });
+        match decided {
+            Ok((records, _)) => reply(id, rd, Some(question), ResponseCode::NoError, records),
+            Err(Refused::Upstream(code)) => reply(id, rd, Some(question), code, Vec::new()),
+            Err(_) => {
+                let code = match self.refuse_with {
+                    RefuseWith::Refused => ResponseCode::Refused,
+                    RefuseWith::Nxdomain => ResponseCode::NXDomain,
+                };
+                reply(id, rd, Some(question), code, Vec::new())
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        client: SocketAddr,
+        question: &Query,
+        ascii: &str,
+    ) -> Result<(Vec<Record>, RuleId), Refused> {
+        if !self.within_rate(client.ip()) {
+            return Err(Refused::RateLimit);
+        }
+        if ascii.len() > self.max_name || ascii.split('.').any(|l| l.len() > self.max_label) {
+            return Err(Refused::NameTooLong);
+        }
+        let name = HostName::parse(ascii).map_err(|_| Refused::Policy("invalid_host", None))?;
+        let policy = self.state.policy.load_full();
+        let rule =
+            policy.name_could_be_allowed(&name, client.ip()).map_err(|(r, rule)| Refused::Policy(r.as_str(), rule))?;
+        let qtype = question.query_type();
+        if !type_allowed(&policy, rule, qtype) {
+            return Err(Refused::TypeNotAllowed(Some(rule)));
+        }
+        let started = std::time::Instant::now();
+        let looked_up = self.state.resolver.lookup_records(&name, qtype).await;
+        self.state.metrics.dns_upstream.observe(started.elapsed().as_secs_f64());
+        let records = match looked_up {
+            Ok(records) => records,
+            Err(ResolveError::NoSuchName) => return Err(Refused::Upstream(ResponseCode::NXDomain)),
+            Err(_) => return Err(Refused::Upstream(ResponseCode::ServFail)),
+        };
+        self.check_chain(&policy, client.ip(), &records).map_err(|_| Refused::CnameEscape(rule))?;
+        Ok((records.into_iter().filter_map(without_ech).collect(), rule))
+    }
+
+    /// Every CNAME target must be a name the policy could allow, or under `follow_cnames`: a
+    /// chain that leaves them could lead anywhere, an attacker's zone included.
+    fn check_chain(&self, policy: &Policy, client: IpAddr, records: &[Record]) -> Result<(), ()> {
+        for r in records {
+            let Some(RData::CNAME(target)) = r.data() else { continue };
+            let target = target.0.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            let followed = self.follow_cnames.iter().any(|s| target == *s || target.ends_with(&format!(".{s}")));
+            let allowed = HostName::parse(&target).is_ok_and(|n| policy.name_could_be_allowed(&n, client).is_ok());
+            if !followed && !allowed {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    fn within_rate(&self, client: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() > MAX_TRACKED {
+            buckets.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
+        }
+        let b = buckets.entry(client).or_insert(Bucket { tokens: self.rate, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.rate);
+        b.at = now;
+        if b.tokens < 1.0 {
+            return false;
+        }
+        b.tokens -= 1.0;
+        true
+    }
+
+    /// Counts the distinct long names a client asks for under one suffix (its last two labels);
+    /// past the threshold within the window, raises the alarm once: the signature of data sent
+    /// out as DNS questions, asked or refused.
+    fn watch_for_tunnelling(&self, client: SocketAddr, name: &str) {
+        if name.len() < self.alarm.min_length {
+            return;
+        }
+        let suffix = name.rsplitn(3, '.').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
+        let now = Instant::now();
+        let window = self.alarm.window.0;
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() > MAX_TRACKED {
+            seen.retain(|_, s| now.duration_since(s.start) < window);
+        }
+        let s = seen.entry((client.ip(), suffix.clone())).or_insert_with(|| Seen {
+            start: now,
+            names: HashSet::new(),
+            alarmed: false,
+        });
+        if now.duration_since(s.start) >= window {
+            *s = Seen { start: now, names: HashSet::new(), alarmed: false };
+        }
+        if s.alarmed {
+            return;
+        }
+        s.names.insert(name.to_string());
+        if s.names.len() >= self.alarm.unique_names {
+            s.alarmed = true;
+            s.names = HashSet::new();
+            self.state.audit.dns_alarm(&DnsAlarm {
+                client,
+                suffix: &suffix,
+                unique_names: self.alarm.unique_names,
+                min_length: self.alarm.min_length,
+                window_s: window.as_secs(),
+            });
+            tracing::warn!(client.addr = %client, suffix, "DNS tunnelling alarm: many unique long names under one suffix");
+        }
+    }
+}
+
+impl Refused {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Policy(reason, _) => reason,
+            Self::RateLimit => "dns_rate_limit",
+            Self::NameTooLong => "dns_name_too_long",
+            Self::TypeNotAllowed(_) => "dns_type_not_allowed",
+            Self::CnameEscape(_) => "cname_escape",
+            Self::Upstream(ResponseCode::NXDomain) => "dns_nxdomain",
+            Self::Upstream(_) => "dns_upstream_failed",
+        }
+    }
+
+    fn rule(self) -> Option<RuleId> {
+        match self {
+            Self::Policy(_, rule) | Self::TypeNotAllowed(rule) => rule,
+            Self::CnameEscape(rule) => Some(rule),
+            _ => None,
+        }
+    }
+}
+
+/// A, AAAA, CNAME, HTTPS and SVCB for every allowed name; more where its rule lists them.
+fn type_allowed(policy: &Policy, rule: RuleId, qtype: RecordType) -> bool {
+    if matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::CNAME | RecordType::HTTPS | RecordType::SVCB) {
+        return true;
+    }
+    let text = qtype.to_string();
+    policy.rule(rule).is_some_and(|r| r.dns_types.iter().any(|t| **t == *text))
+}
+
+/// A record as handed to a client: HTTPS and SVCB without their `ech` parameter.
+fn without_ech(mut r: Record) -> Option<Record> {
+    let strip = |svcb: &SVCB| {
+        let params = svcb.svc_params().iter().filter(|(k, _)| *k != SvcParamKey::EchConfig).cloned().collect();
+        SVCB::new(svcb.svc_priority(), svcb.target_name().clone(), params)
+    };
+    let stripped = match r.data() {
+        Some(RData::HTTPS(h)) => Some(RData::HTTPS(HTTPS(strip(&h.0)))),
+        Some(RData::SVCB(s)) => Some(RData::SVCB(strip(s))),
+        _ => None,
+    };
+    if let Some(data) = stripped {
+        r.set_data(Some(data));
+    }
+    Some(r)
+}
+
+fn reply(id: u16, rd: bool, question: Option<&Query>, code: ResponseCode, answers: Vec<Record>) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(rd)
+        .set_recursion_available(true)
+        .set_response_code(code);
+    if let Some(q) = question {
+        m.add_query(q.clone());
+    }
+    m.add_answers(answers);
+    m.to_vec().ok()
+}
+
+/// Binds UDP and TCP on `addr`; with port 0, on one free port for both.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..20 {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
+}
+
+/// Serves DNS over UDP until `shutdown`: each datagram is one query, answered to its sender.
+pub async fn serve_udp(socket: UdpSocket, filter: Arc<DnsFilter>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let socket = Arc::new(socket);
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        let (n, from) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS receive failed");
+                    continue;
+                }
+            },
+        };
+        // Beyond this many questions in flight, a datagram is dropped, as a busy resolver does.
+        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else { continue };
+        let packet = buf.get(..n).unwrap_or_default().to_vec();
+        let (socket, filter) = (Arc::clone(&socket), Arc::clone(&filter));
+        tracker.spawn(async move {
+            if let Some(answer) = filter.answer(from, &packet).await {
+                // The answer goes back to the asker, on the socket it asked on.
+                #[allow(clippy::disallowed_methods)]
+                let _ = socket.send_to(&answer, from).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Serves DNS over TCP until `shutdown`: two-byte length, message, answered in order, within
+/// a bound on connections and a timeout on each message.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    filter: Arc<DnsFilter>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+    loop {
+        let (stream, from) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
+        let filter = Arc::clone(&filter);
+        tracker.spawn(async move {
+            let _ = serve_tcp_conn(stream, from, &filter).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn serve_tcp_conn(mut stream: TcpStream, from: SocketAddr, filter: &DnsFilter) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let mut packet = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet)).await {
+            Ok(Ok(_)) => {}
+            // A length promised and not delivered (truncated framing): the connection is closed.
+            _ => return Ok(()),
+        }
+        let Some(answer) = filter.answer(from, &packet).await else { return Ok(()) };
+        let Ok(n) = u16::try_from(answer.len()) else { return Ok(()) };
+        stream.write_all(&n.to_be_bytes()).await?;
+        stream.write_all(&answer).await?;
+    }
+}
+
+/// Clients and (client, suffix) pairs remembered before old ones are forgotten.
+const MAX_TRACKED: usize = 10_000;
+/// UDP questions answered at once.
+const IN_FLIGHT: usize = 256;
+/// The largest datagram read (EDNS0 allows up to 4096; more is not DNS we answer).
+const MAX_UDP: usize = 4096;
+/// TCP connections served at once.
+const TCP_CONNECTIONS: usize = 64;
+/// A TCP connection with no whole message for this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
