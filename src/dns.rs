@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::{DnsAlarm, DnsDecided};
 use crate::config::{DnsConfig, RefuseWith, TunnelAlarm};
-use crate::policy::{HostName, Policy, RuleId};
+use crate::policy::{fold_mapped, HostName, Policy, RuleId};
 use crate::resolve::ResolveError;
 use crate::state::State;
 
@@ -94,21 +94,14 @@ impl DnsFilter {
     /// The answer to one query packet, or `None` for bytes that are not a DNS query at all (the
     /// listener drops them). A packet with a readable id but no readable question gets FORMERR.
     pub async fn answer(&self, client: SocketAddr, packet: &[u8]) -> Option<Vec<u8>> {
-        let query = match Message::from_vec(packet) {
-            Ok(m) if m.message_type() == MessageType::Query => m,
-            Ok(_) => return None,
-            Err(_) => {
-                let id = u16::from_be_bytes([*packet.first()?, *packet.get(1)?]);
-                return reply(id, false, None, ResponseCode::FormErr, Vec::new());
-            }
+        // An IPv4 client of a dual-stack socket is known by its IPv4 address.
+        let client = SocketAddr::new(fold_mapped(client.ip()), client.port());
+        let (id, rd, question) = match screen(packet) {
+            Screened::Drop => return None,
+            Screened::Reply(bytes) => return Some(bytes),
+            Screened::Question { id, rd, question } => (id, rd, question),
         };
-        let (id, rd) = (query.id(), query.recursion_desired());
-        let [question] = query.queries() else {
-            return reply(id, rd, None, ResponseCode::FormErr, Vec::new());
-        };
-        if query.op_code() != OpCode::Query {
-            return reply(id, rd, Some(question), ResponseCode::NotImp, Vec::new());
-        }
+        let question = &question;
         let qtype = question.query_type();
         let ascii = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
         self.watch_for_tunnelling(client, &ascii);
@@ -263,6 +256,34 @@ impl Refused {
             _ => None,
         }
     }
+}
+
+/// What a packet amounts to before any policy: nothing to answer, an answer already (FORMERR,
+/// NOTIMP), or one question to decide. Pure, so that the fuzzer can run it on anything.
+pub enum Screened {
+    Drop,
+    Reply(Vec<u8>),
+    Question { id: u16, rd: bool, question: Query },
+}
+
+pub fn screen(packet: &[u8]) -> Screened {
+    let query = match Message::from_vec(packet) {
+        Ok(m) if m.message_type() == MessageType::Query => m,
+        Ok(_) => return Screened::Drop,
+        Err(_) => {
+            let (Some(&hi), Some(&lo)) = (packet.first(), packet.get(1)) else { return Screened::Drop };
+            return reply(u16::from_be_bytes([hi, lo]), false, None, ResponseCode::FormErr, Vec::new())
+                .map_or(Screened::Drop, Screened::Reply);
+        }
+    };
+    let (id, rd) = (query.id(), query.recursion_desired());
+    let [question] = query.queries() else {
+        return reply(id, rd, None, ResponseCode::FormErr, Vec::new()).map_or(Screened::Drop, Screened::Reply);
+    };
+    if query.op_code() != OpCode::Query {
+        return reply(id, rd, Some(question), ResponseCode::NotImp, Vec::new()).map_or(Screened::Drop, Screened::Reply);
+    }
+    Screened::Question { id, rd, question: question.clone() }
 }
 
 /// A, AAAA, CNAME, HTTPS and SVCB for every allowed name; more where its rule lists them.

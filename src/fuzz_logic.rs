@@ -32,6 +32,7 @@ pub const TARGETS: &[Target] = &[
     Target { name: "host", check: host },
     Target { name: "head", check: head },
     Target { name: "config", check: config },
+    Target { name: "dns", check: dns },
 ];
 
 /// The target called `name`.
@@ -427,3 +428,51 @@ const MAX_DECISIONS: usize = 64;
 const ALL_PREFIXES: usize = 512;
 const EDGE: usize = 32;
 const SPREAD: usize = 64;
+
+// === dns ===
+
+/// The DNS filter's query path before any policy (`dns::screen`), then the policy's name check
+/// on what it yields:
+/// - bytes too short for an id are dropped; every reply it makes parses, is a response, and
+///   carries the query's id;
+/// - a question's name, as the filter reads it, is ASCII, and when it is a valid host name the
+///   policy's `name_could_be_allowed` answers without panicking, and allows only under the
+///   fuzz policy's allow rule.
+pub fn dns(data: &[u8]) -> String {
+    use hickory_resolver::proto::op::{Message, MessageType};
+
+    match crate::dns::screen(data) {
+        crate::dns::Screened::Drop => "drop".into(),
+        crate::dns::Screened::Reply(bytes) => {
+            let m = Message::from_vec(&bytes).expect("a reply the filter makes parses");
+            assert_eq!(m.message_type(), MessageType::Response);
+            assert_eq!(Some(m.id().to_be_bytes().as_slice()), data.get(..2), "the reply carries the query's id");
+            format!("reply {:?}", m.response_code())
+        }
+        crate::dns::Screened::Question { question, .. } => {
+            let ascii = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            assert!(ascii.is_ascii(), "{ascii:?}");
+            let Ok(name) = HostName::parse(&ascii) else {
+                return format!("question {} invalid", question.query_type());
+            };
+            let policy = dns_policy();
+            let decided = policy.name_could_be_allowed(&name, IpAddr::V4(Ipv4Addr::LOCALHOST));
+            if decided.is_ok() {
+                assert!(name.as_str().ends_with(".allowed.example"), "only the allow rule's names: {name}");
+            }
+            format!("question {} {}", question.query_type(), if decided.is_ok() { "allowed" } else { "refused" })
+        }
+    }
+}
+
+/// The policy the `dns` target decides names with: one allow rule on `*.allowed.example`, one deny
+/// rule inside it.
+fn dns_policy() -> &'static crate::policy::Policy {
+    static POLICY: std::sync::OnceLock<crate::policy::Policy> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let text = "[[rule]]\nname = \"allow\"\naction = \"allow\"\nhosts = [\"*.allowed.example\"]\n\
+                    [[rule]]\nname = \"deny\"\naction = \"deny\"\nhosts = [\"no.allowed.example\"]\n";
+        let config = Config::from_str(text, Origin::Embedded).unwrap_or_else(|e| panic!("the fuzz policy: {e}"));
+        compile(&config, &TagTable::default()).unwrap_or_else(|e| panic!("the fuzz policy: {e}")).policy
+    })
+}

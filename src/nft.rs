@@ -1,7 +1,8 @@
 //! Renders the packet-filter layer of a policy as an nftables ruleset, so one policy drives both
 //! layers: TCP is redirected to the proxy's transparent listeners (443 → `tls`, 80 → `plain`,
-//! every other port → `catch_all`); UDP, which the proxy cannot carry, is allowed only by the
-//! policy's `protocol = "udp"` rules and DNS to the configured resolvers; QUIC (UDP 443) is
+//! every other port → `catch_all`); DNS (UDP and TCP 53) to the DNS filter when `[listen] dns` is
+//! set, or else allowed to the configured resolvers; other UDP, which the proxy cannot carry, is
+//! allowed only by the policy's `protocol = "udp"` rules; QUIC (UDP 443) is
 //! rejected so that clients fall back to TCP; every drop is logged with a prefix.
 //!
 //! Two shapes: `gateway` (a subnet routes through this machine: prerouting and forward hooks) and
@@ -30,6 +31,8 @@ pub struct Ports {
     pub catch_all: u16,
     pub http: Option<u16>,
     pub admin: Option<u16>,
+    /// `[listen] dns`: the nodes' DNS is redirected there, and nothing else reaches a resolver.
+    pub dns: Option<u16>,
 }
 
 impl Ports {
@@ -42,6 +45,7 @@ impl Ports {
             catch_all: port(l.catch_all, DEFAULT_CATCH_ALL),
             http: l.http.map(|a| a.port()),
             admin: l.admin.map(|a| a.port()),
+            dns: l.dns.map(|a| a.port()),
         }
     }
 }
@@ -103,6 +107,12 @@ pub fn render(policy: &Policy, config: &Config, shape: Shape) -> String {
             let _ = writeln!(out, "\t\tfib daddr type local return");
         }
     }
+    if let Some(dns) = ports.dns {
+        let _ = writeln!(
+            out,
+            "\t\tmeta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns} comment \"DNS: the proxy's DNS filter\""
+        );
+    }
     let _ = writeln!(out, "\t\ttcp dport 443 redirect to :{} comment \"TLS: SNI listener\"", ports.tls);
     let _ = writeln!(out, "\t\ttcp dport 80 redirect to :{} comment \"plain HTTP: Host listener\"", ports.plain);
     let _ = writeln!(
@@ -123,6 +133,12 @@ pub fn render(policy: &Policy, config: &Config, shape: Shape) -> String {
             let _ = writeln!(out, "\t\toifname \"lo\" accept");
             let _ =
                 writeln!(out, "\t\tmeta l4proto tcp ct status dnat accept comment \"redirected to the proxy above\"");
+            if ports.dns.is_some() {
+                let _ = writeln!(
+                    out,
+                    "\t\tmeta l4proto udp ct status dnat accept comment \"DNS redirected to the filter above\""
+                );
+            }
             let _ = writeln!(out, "\t\tmeta skuid {} accept comment \"the proxy dials out itself\"", nft.proxy_uid);
             for (what, port) in [("admin", ports.admin), ("http", ports.http)] {
                 if let Some(p) = port {
@@ -131,11 +147,15 @@ pub fn render(policy: &Policy, config: &Config, shape: Shape) -> String {
             }
         }
     }
-    if !dns4.is_empty() {
-        let _ = writeln!(out, "\t\tmeta l4proto {{ tcp, udp }} th dport 53 ip daddr @dns_v4 accept");
-    }
-    if !dns6.is_empty() {
-        let _ = writeln!(out, "\t\tmeta l4proto {{ tcp, udp }} th dport 53 ip6 daddr @dns_v6 accept");
+    // With the DNS filter, the nodes' DNS was redirected to it above, and only the proxy's own
+    // queries (its user in the sidecar; its own output on the gateway) reach the resolvers.
+    if ports.dns.is_none() {
+        if !dns4.is_empty() {
+            let _ = writeln!(out, "\t\tmeta l4proto {{ tcp, udp }} th dport 53 ip daddr @dns_v4 accept");
+        }
+        if !dns6.is_empty() {
+            let _ = writeln!(out, "\t\tmeta l4proto {{ tcp, udp }} th dport 53 ip6 daddr @dns_v6 accept");
+        }
     }
     let _ = writeln!(out, "\t\tudp dport 443 reject comment \"QUIC: clients fall back to TCP through the proxy\"");
     for (i, r) in udp.iter().enumerate() {
@@ -214,5 +234,21 @@ mod tests {
         let gateway = render(&loaded.compiled.policy, &loaded.config, Shape::Gateway);
         assert!(gateway.contains("type nat hook prerouting") && gateway.contains("type filter hook forward"));
         assert!(!gateway.contains("skuid"));
+        // The preset serves the DNS filter: the nodes' DNS goes to it, and to no resolver directly.
+        for text in [&text, &gateway] {
+            assert!(text.contains("meta l4proto { tcp, udp } th dport 53 redirect to :3053"), "{text}");
+            assert!(!text.contains("th dport 53 ip daddr @dns_v4 accept"), "{text}");
+        }
+    }
+
+    #[test]
+    fn without_the_dns_filter_dns_goes_to_the_configured_resolvers_only() {
+        let text =
+            "[nftables]\ndns = [\"10.0.0.2\"]\n[[rule]]\nname = \"a\"\naction = \"allow\"\nhosts = [\"a.example\"]\n";
+        let config = Config::from_str(text, crate::config::Origin::Embedded).unwrap();
+        let compiled = crate::policy::compile(&config, &Default::default()).unwrap();
+        let rendered = render(&compiled.policy, &config, Shape::Gateway);
+        assert!(rendered.contains("th dport 53 ip daddr @dns_v4 accept"), "{rendered}");
+        assert!(!rendered.contains("th dport 53 redirect"), "{rendered}");
     }
 }

@@ -48,6 +48,11 @@ fn config_corpus_holds_every_invariant() {
 }
 
 #[test]
+fn dns_corpus_holds_every_invariant() {
+    replay("dns");
+}
+
+#[test]
 fn every_target_has_a_corpus_and_every_corpus_a_target() {
     let dirs: Vec<String> = std::fs::read_dir(corpus_root())
         .unwrap()
@@ -149,6 +154,26 @@ fn head_survives_mutation() {
             b"@",
             b"Content-Length: 5\r\n",
             b"Transfer-Encoding: chunked\r\n",
+        ],
+    );
+}
+
+#[test]
+fn dns_survives_mutation() {
+    fuzz(
+        "dns",
+        1024,
+        &[
+            b"\x00",
+            b"\xc0\x0c",
+            b"\xc0\x00",
+            b"\x3f",
+            b"\x00\x01\x00\x01",
+            b"\x00\x10\x00\x01",
+            b"\x00\xff\x00\x01",
+            b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00",
+            b"\x07allowed\x07example\x00",
+            b"\x02no\x07allowed\x07example\x00",
         ],
     );
 }

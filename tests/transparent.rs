@@ -26,6 +26,6 @@ fn run_netns(script: &str, summary: &str) {
 #[test]
 #[ignore = "needs root, ip netns and nft: run as root with `cargo test -- --include-ignored` (CI does)"]
 fn gateway_and_sidecar_shapes_across_network_namespaces() {
-    run_netns("gateway.sh", "netns gateway: 16 passed, 0 failed");
-    run_netns("sidecar.sh", "netns sidecar: 8 passed, 0 failed");
+    run_netns("gateway.sh", "netns gateway: 22 passed, 0 failed");
+    run_netns("sidecar.sh", "netns sidecar: 11 passed, 0 failed");
 }

