@@ -24,6 +24,7 @@
 //! | `egress_proxy_dns_queries_total` | counter | `decision` (allow/deny), `type`, `reason` |
 //! | `egress_proxy_dns_upstream_duration_seconds` | histogram | |
 //! | `egress_proxy_dns_tunnel_alarms_total` | counter | |
+//! | `egress_proxy_dns_cache_total` | counter | `result` (hit/miss): the resolver's answers, from its cache or not |
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -57,6 +58,7 @@ pub struct Metrics {
     pub dns_queries: IntCounterVec,
     pub dns_upstream: prometheus::Histogram,
     pub dns_alarms: IntCounter,
+    pub dns_cache: IntCounterVec,
 }
 
 impl Metrics {
@@ -165,6 +167,11 @@ impl Metrics {
                     .buckets(vec![0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
                 )
                 .unwrap_or_else(|e| invalid("dns_upstream", e)),
+            ),
+            dns_cache: counter_vec(
+                "egress_proxy_dns_cache_total",
+                "DNS answers the resolver gave from its cache (hit) or asked upstream for (miss).",
+                &["result"],
             ),
             dns_alarms: counter(
                 "egress_proxy_dns_tunnel_alarms_total",

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,7 +16,7 @@ use hickory_resolver::error::ResolveErrorKind;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioAsyncResolver;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::OnceCell;
 
 use crate::metrics::Metrics;
@@ -30,6 +31,10 @@ pub struct Resolver {
     timeout: Duration,
     lookups: IntCounter,
     failures: IntCounter,
+    /// When each answer last seen stops being valid, by question: an answer that comes back with
+    /// the same deadline came from hickory's cache (which keeps it), a fresh one has a new one.
+    deadlines: Mutex<HashMap<(HostName, RecordType), std::time::Instant>>,
+    cache: IntCounterVec,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
@@ -58,6 +63,8 @@ impl Resolver {
             timeout,
             lookups: metrics.dns_lookups.clone(),
             failures: metrics.dns_failures.clone(),
+            deadlines: Mutex::default(),
+            cache: metrics.dns_cache.clone(),
         }
     }
 
@@ -94,6 +101,7 @@ impl Resolver {
             Err(_) => Err(ResolveError::Timeout),
             Ok(Err(_)) => Err(ResolveError::NoAddress),
             Ok(Ok(answer)) => {
+                self.count_cache(name, RecordType::A, answer.valid_until());
                 let addrs: Vec<IpAddr> = answer.iter().map(fold_mapped).collect();
                 if addrs.is_empty() {
                     Err(ResolveError::NoAddress)
@@ -142,8 +150,22 @@ impl Resolver {
                 ResolveErrorKind::NoRecordsFound { response_code: ResponseCode::NoError, .. } => Ok(Vec::new()),
                 _ => Err(ResolveError::NoAddress),
             },
-            Ok(Ok(answer)) => Ok(answer.records().to_vec()),
+            Ok(Ok(answer)) => {
+                self.count_cache(name, rtype, answer.valid_until());
+                Ok(answer.records().to_vec())
+            }
         }
+    }
+
+    /// Counts a DNS answer as a cache hit or miss: hickory hands out a cached answer with the
+    /// deadline it was stored with, a fresh one with a new one.
+    fn count_cache(&self, name: &HostName, rtype: RecordType, valid_until: std::time::Instant) {
+        let mut seen = self.deadlines.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() >= MAX_DEADLINES {
+            seen.clear();
+        }
+        let hit = seen.insert((name.clone(), rtype), valid_until) == Some(valid_until);
+        self.cache.with_label_values(&[if hit { "hit" } else { "miss" }]).inc();
     }
 
     /// The DNS client: the configured upstreams, each over UDP and then TCP, with no search
@@ -164,6 +186,9 @@ impl Resolver {
         Ok(TokioAsyncResolver::tokio(config, opts))
     }
 }
+
+/// Questions whose answer deadline is remembered for the cache-hit count.
+const MAX_DEADLINES: usize = 10_000;
 
 /// The TTL of an answer made from `[resolve] static` pins.
 const PIN_TTL: u32 = 60;

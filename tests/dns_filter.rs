@@ -239,6 +239,14 @@ async fn an_answer_given_to_a_client_is_the_address_the_proxy_dials_for_that_nam
     );
     let asked_a = upstream.asked().iter().filter(|q| q.as_str() == "rotate.dns.test. A").count();
     assert_eq!(asked_a, 1, "one question upstream: the proxy's own lookup was a cache hit");
+    let (resp, _) =
+        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
+            .await;
+    let metrics = String::from_utf8_lossy(&resp).into_owned();
+    for series in ["egress_proxy_dns_cache_total{result=\"miss\"} 1", "egress_proxy_dns_cache_total{result=\"hit\"} 1"]
+    {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
     drop(tunnel);
 }
 
