@@ -194,6 +194,19 @@ pub struct TransparentConfig {
     /// Which server names an address rule lets through, for every rule that does not say.
     #[serde(default)]
     pub names: Names,
+    /// Connections that reach a transparent listener without being redirected (DNS-steered: the
+    /// allowed names resolve to the proxy itself): the port their server name is dialled on, per
+    /// listener. Unset: such a connection is refused (`no_original_destination`).
+    #[serde(default)]
+    pub steered: Steered,
+}
+
+/// `[transparent.steered]`: `tls = 443`, `plain = 80`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Eq, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Steered {
+    pub tls: Option<u16>,
+    pub plain: Option<u16>,
 }
 
 /// Which server names (TLS SNI, HTTP Host, a CONNECT tunnel's SNI) an address rule lets through.

@@ -25,6 +25,7 @@ use crate::admin;
 use crate::audit::Listener;
 use crate::descriptors::{has_pending, is_shortage, At, Spare};
 use crate::dns::{self, DnsFilter};
+use crate::policy::fold_mapped;
 use crate::proxy::conn::{Conn, ConnCx};
 use crate::proxy::http::{handle, http1_builder};
 use crate::proxy::transparent::{self, Redirect};
@@ -221,7 +222,7 @@ async fn accept_redirected(
             transparent::reset(stream);
             continue;
         };
-        let Some(original_dst) = original_dst(&stream) else {
+        let Some(original_dst) = original_dst(&stream).or_else(|| steered(kind, &state)) else {
             Conn::new(&state, client, kind.listener(), None).refused(&Refusal::NoOriginalDst);
             transparent::reset(stream);
             continue;
@@ -233,9 +234,22 @@ async fn accept_redirected(
     }
 }
 
+/// A connection that was not redirected, on a listener with a `[transparent.steered]` port: the
+/// unspecified address with that port, which `authorize_redirected` reads as "the server name
+/// decides, on this port" (no original destination exists to compare or fall back to).
+fn steered(kind: Redirect, state: &State) -> Option<SocketAddr> {
+    let port = match kind {
+        Redirect::Tls => state.steered.tls,
+        Redirect::Plain => state.steered.plain,
+        Redirect::CatchAll => None,
+    }?;
+    Some(SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port))
+}
+
 /// Where a redirected connection was going (SO_ORIGINAL_DST, IPv4 and IPv6). On a dual-stack
 /// listener (`[::]:port`) an IPv4 connection has a v4-mapped local address, and its original
-/// destination is in the IPv4 table.
+/// destination is in the IPv4 table. `None` for a connection that was not redirected: no NAT
+/// entry, or one that names the listener itself.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
     let is_v4 = match stream.local_addr().ok()?.ip() {
@@ -243,7 +257,10 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
     };
     let addr = if is_v4 { sock.original_dst() } else { sock.original_dst_ipv6() };
-    addr.ok()?.as_socket()
+    let addr = addr.ok()?.as_socket()?;
+    let local = stream.local_addr().ok()?;
+    let to_listener = addr.port() == local.port() && fold_mapped(addr.ip()) == fold_mapped(local.ip());
+    (!to_listener).then_some(addr)
 }
 
 async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationToken) {

@@ -37,6 +37,8 @@ pub struct State {
     pub limits: Limits,
     /// `[transparent] original_dst_mismatch`.
     pub mismatch: config::Mismatch,
+    /// `[transparent.steered]`: read at start.
+    pub steered: config::Steered,
     /// `[admin] token_file`, resolved against the config's directory.
     pub admin_token_file: Option<PathBuf>,
     /// The splice pipes every tunnel borrows from while bytes flow.
@@ -107,6 +109,7 @@ impl State {
             metrics,
             limits: Limits::from(&config.limits),
             mismatch: config.transparent.original_dst_mismatch,
+            steered: config.transparent.steered,
             admin_token_file: config.admin.token_file.as_ref().map(|f| config.relative_path(f.get_ref())),
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),

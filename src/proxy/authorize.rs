@@ -159,6 +159,14 @@ pub async fn authorize_redirected(
     let port = r.original_dst.port();
     let by_name =
         r.name.map(|name| (name, policy.decide(&Query { name: Some(name), addr: None, port, source: Some(r.client) })));
+    if r.original_dst.ip().is_unspecified() {
+        // Steered, not redirected: the server name is all there is to decide on.
+        return match by_name {
+            Some((name, Decision::Allow { .. })) => resolve_allowed(policy, resolver, name, port, r.client).await,
+            Some((_, Decision::Deny { reason, rule })) => Err(Refusal::Policy { reason, rule }),
+            None => Err(Refusal::NoOriginalDst),
+        };
+    }
     match by_name {
         Some((name, Decision::Allow { .. })) => {
             let mut permit = resolve_allowed(policy, resolver, name, port, r.client).await?;
