@@ -432,3 +432,36 @@ const MAX_UDP: usize = 4096;
 const TCP_CONNECTIONS: usize = 64;
 /// A TCP connection with no whole message for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use hickory_resolver::proto::rr::rdata::svcb::{Alpn, EchConfig, SvcParamValue};
+    use hickory_resolver::proto::rr::Name;
+
+    use super::*;
+
+    #[test]
+    fn https_answers_lose_their_ech_parameter_and_keep_the_rest() {
+        let params = vec![
+            (SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h2".into()]))),
+            (SvcParamKey::EchConfig, SvcParamValue::EchConfig(EchConfig(vec![0xfe, 0x0d, 0, 1]))),
+        ];
+        let name = Name::from_ascii("ml.azure.com.").unwrap();
+        let record = Record::from_rdata(name.clone(), 60, RData::HTTPS(HTTPS(SVCB::new(1, Name::root(), params))));
+        let stripped = without_ech(record).unwrap();
+        let Some(RData::HTTPS(https)) = stripped.data() else { panic!("still HTTPS: {stripped:?}") };
+        let keys: Vec<SvcParamKey> = https.0.svc_params().iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [SvcParamKey::Alpn], "ech is gone, alpn stays");
+        assert_eq!((stripped.name(), stripped.ttl()), (&name, 60));
+    }
+
+    #[test]
+    fn screen_answers_formerr_to_an_unreadable_question_with_its_id_and_drops_what_has_none() {
+        assert!(matches!(screen(b"\x01"), Screened::Drop));
+        let Screened::Reply(bytes) = screen(b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c") else {
+            panic!("a reply")
+        };
+        let m = Message::from_vec(&bytes).unwrap();
+        assert_eq!((m.id(), m.response_code()), (0xabcd, ResponseCode::FormErr));
+    }
+}

@@ -217,6 +217,9 @@ async fn accept_redirected(
 ) {
     let mut spare = Spare::keep();
     while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
+        // As on the explicit listener: a handshake's small writes must not wait for delayed ACKs
+        // (measured: 44 ms more per new tunnel without it).
+        let _ = stream.set_nodelay(true);
         let Some(slot) = admission.admit(client.ip()) else {
             Conn::new(&state, client, kind.listener(), None).refused(&Refusal::ConnectionLimit);
             transparent::reset(stream);

@@ -41,7 +41,7 @@ pub async fn tunnel_tls(
     prefix: Vec<u8>,
 ) -> Result<(), TcpStream> {
     let Upstream { stream: mut upstream, to } = upstream;
-    let close = conn.allowed(to, Meter::new());
+    let mut close = conn.allowed(to, Meter::new());
     let limits = cx.state.limits;
     let mut rest = prefix;
     if let Some(hello) = hello {
@@ -56,8 +56,9 @@ pub async fn tunnel_tls(
         rest = Vec::new();
     }
     let (task_cx, idle) = (Arc::clone(cx), limits.idle_timeout);
+    // `close` is moved into the task as it is: rebinding it inside would store it twice in the
+    // state every idle tunnel holds.
     cx.tracker.spawn(async move {
-        let mut close = close;
         let (pipes, meter, stop) = (&task_cx.state.pipes, close.meter(), task_cx.stop.clone());
         let end = tunnel_tcp(client, upstream, rest, pipes, meter, idle, stop).await;
         close.check_upload_limit();
