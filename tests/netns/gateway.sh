@@ -118,10 +118,14 @@ check "DNS: a refused name gets REFUSED" bash -c "ip netns exec ep-client dig +t
 check "DNS: and the upstream never heard of it" bash -c "! grep -q attacker '$work/dns-asked'"
 check "DNS: the question is audited" audit_has '"event":"dns","client":"10.77.1.2:[0-9]*","name":"stolen-bytes.attacker.example","type":"A","decision":"deny","reason":"no_rule"'
 check "DNS: over TCP too" [ "$(ns client dig +short +tcp +time=3 +tries=1 @10.77.2.53 answer.dnstest.example A)" = 10.77.2.2 ]
-for _ in 1 2 3; do
+# Sent until the allowed one arrives (the origin's listener may still be starting, and the first
+# IPv6 datagrams wait on neighbour discovery), as many to the address outside the set.
+for _ in $(seq 25); do
   ns client bash -c 'echo allowed > /dev/udp/fd77:2::4/5000; echo other > /dev/udp/fd77:2::3/5000' || true
+  [ -s "$work/udp6-allowed" ] && break
+  sleep 0.2
 done
-sleep 0.5
+sleep 0.3
 check "IPv6: UDP to an address in the rule's v6 nft set passes" [ -s "$work/udp6-allowed" ]
 check "IPv6: UDP to an address not in it is dropped" [ ! -s "$work/udp6-other" ]
 
