@@ -51,6 +51,17 @@ pub struct DnsFilter {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// When the last `dns_rate_limit` line was written for this client: at most one a second,
+    /// so that a flood cannot fill the audit log (and, failing closed, stop every connection).
+    logged: Option<Instant>,
+}
+
+/// A question let through: its answer, the rule that could allow its name, and, in report mode,
+/// the refusal that enforcement would have made.
+struct Answered {
+    records: Vec<Record>,
+    rule: Option<RuleId>,
+    would_deny: Option<&'static str>,
 }
 
 /// The long names one client asked for under one suffix, in the current alarm window.
@@ -64,10 +75,13 @@ struct Seen {
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Refused {
     Policy(&'static str, Option<RuleId>),
-    RateLimit,
+    /// Over the client's rate; `audit` for the first refusal of the second.
+    RateLimit {
+        audit: bool,
+    },
     NameTooLong,
     TypeNotAllowed(Option<RuleId>),
-    CnameEscape(RuleId),
+    CnameEscape(Option<RuleId>),
     Upstream(ResponseCode),
 }
 
@@ -108,19 +122,27 @@ impl DnsFilter {
         let decided = self.decide(client, question, &ascii).await;
         let policy = self.state.policy.load();
         let (decision, reason, rule) = match &decided {
-            Ok((_, rule)) => ("allow", None, Some(*rule)),
+            Ok(Answered { rule, would_deny: None, .. }) => ("allow", None, *rule),
+            Ok(Answered { rule, would_deny: Some(reason), .. }) => ("would_deny", Some(*reason), *rule),
             Err(refused) => ("deny", Some(refused.reason()), refused.rule()),
         };
-        self.state.audit.dns_decided(&DnsDecided {
-            client,
-            name: &ascii,
-            qtype: &qtype.to_string(),
-            decision,
-            reason,
-            rule: rule.map(|r| policy.rule_name(r)),
-        });
+        let qtype_text = qtype.to_string();
+        if let Err(Refused::RateLimit { audit: false }) = decided {
+            // Counted, not written: one line a second per client is enough to say it happened.
+            let labels = [decision, qtype_text.as_str(), reason.unwrap_or_default()];
+            self.state.metrics.dns_queries.with_label_values(&labels).inc();
+        } else {
+            self.state.audit.dns_decided(&DnsDecided {
+                client,
+                name: &ascii,
+                qtype: &qtype_text,
+                decision,
+                reason,
+                rule: rule.map(|r| policy.rule_name(r)),
+            });
+        }
         match decided {
-            Ok((records, _)) => reply(id, rd, Some(question), ResponseCode::NoError, records),
+            Ok(Answered { records, .. }) => reply(id, rd, Some(question), ResponseCode::NoError, records),
             Err(Refused::Upstream(code)) => reply(id, rd, Some(question), code, Vec::new()),
             Err(_) => {
                 let code = match self.refuse_with {
@@ -132,25 +154,22 @@ impl DnsFilter {
         }
     }
 
-    async fn decide(
-        &self,
-        client: SocketAddr,
-        question: &Query,
-        ascii: &str,
-    ) -> Result<(Vec<Record>, RuleId), Refused> {
-        if !self.within_rate(client.ip()) {
-            return Err(Refused::RateLimit);
-        }
+    async fn decide(&self, client: SocketAddr, question: &Query, ascii: &str) -> Result<Answered, Refused> {
+        self.within_rate(client.ip())?;
         if ascii.len() > self.max_name || ascii.split('.').any(|l| l.len() > self.max_label) {
             return Err(Refused::NameTooLong);
         }
         let name = HostName::parse(ascii).map_err(|_| Refused::Policy("invalid_host", None))?;
         let policy = self.state.policy.load_full();
-        let rule =
-            policy.name_could_be_allowed(&name, client.ip()).map_err(|(r, rule)| Refused::Policy(r.as_str(), rule))?;
+        // In report mode, what the policy would refuse is answered, and said to be `would_deny`.
+        let (rule, would_deny) = match policy.name_could_be_allowed(&name, client.ip()) {
+            Ok(rule) => (Some(rule), None),
+            Err((reason, rule)) if policy.reports(reason, rule) => (rule, Some(reason.as_str())),
+            Err((reason, rule)) => return Err(Refused::Policy(reason.as_str(), rule)),
+        };
         let qtype = question.query_type();
         if !type_allowed(&policy, rule, qtype) {
-            return Err(Refused::TypeNotAllowed(Some(rule)));
+            return Err(Refused::TypeNotAllowed(rule));
         }
         let started = std::time::Instant::now();
         let looked_up = self.state.resolver.lookup_records(&name, qtype).await;
@@ -161,7 +180,7 @@ impl DnsFilter {
             Err(_) => return Err(Refused::Upstream(ResponseCode::ServFail)),
         };
         self.check_chain(&policy, client.ip(), &records).map_err(|_| Refused::CnameEscape(rule))?;
-        Ok((records.into_iter().filter_map(without_ech).collect(), rule))
+        Ok(Answered { records: records.into_iter().filter_map(without_ech).collect(), rule, would_deny })
     }
 
     /// Every CNAME target must be a name the policy could allow, or under `follow_cnames`: a
@@ -179,20 +198,24 @@ impl DnsFilter {
         Ok(())
     }
 
-    fn within_rate(&self, client: IpAddr) -> bool {
+    fn within_rate(&self, client: IpAddr) -> Result<(), Refused> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() > MAX_TRACKED {
             buckets.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
         }
-        let b = buckets.entry(client).or_insert(Bucket { tokens: self.rate, at: now });
+        let b = buckets.entry(client).or_insert(Bucket { tokens: self.rate, at: now, logged: None });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.rate);
         b.at = now;
         if b.tokens < 1.0 {
-            return false;
+            let audit = b.logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+            if audit {
+                b.logged = Some(now);
+            }
+            return Err(Refused::RateLimit { audit });
         }
         b.tokens -= 1.0;
-        true
+        Ok(())
     }
 
     /// Counts the distinct long names a client asks for under one suffix (its last two labels);
@@ -240,7 +263,7 @@ impl Refused {
     fn reason(self) -> &'static str {
         match self {
             Self::Policy(reason, _) => reason,
-            Self::RateLimit => "dns_rate_limit",
+            Self::RateLimit { .. } => "dns_rate_limit",
             Self::NameTooLong => "dns_name_too_long",
             Self::TypeNotAllowed(_) => "dns_type_not_allowed",
             Self::CnameEscape(_) => "cname_escape",
@@ -252,7 +275,7 @@ impl Refused {
     fn rule(self) -> Option<RuleId> {
         match self {
             Self::Policy(_, rule) | Self::TypeNotAllowed(rule) => rule,
-            Self::CnameEscape(rule) => Some(rule),
+            Self::CnameEscape(rule) => rule,
             _ => None,
         }
     }
@@ -287,12 +310,12 @@ pub fn screen(packet: &[u8]) -> Screened {
 }
 
 /// A, AAAA, CNAME, HTTPS and SVCB for every allowed name; more where its rule lists them.
-fn type_allowed(policy: &Policy, rule: RuleId, qtype: RecordType) -> bool {
+fn type_allowed(policy: &Policy, rule: Option<RuleId>, qtype: RecordType) -> bool {
     if matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::CNAME | RecordType::HTTPS | RecordType::SVCB) {
         return true;
     }
     let text = qtype.to_string();
-    policy.rule(rule).is_some_and(|r| r.dns_types.iter().any(|t| **t == *text))
+    rule.and_then(|r| policy.rule(r)).is_some_and(|r| r.dns_types.iter().any(|t| **t == *text))
 }
 
 /// A record as handed to a client: HTTPS and SVCB without their `ech` parameter.

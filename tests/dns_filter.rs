@@ -262,6 +262,29 @@ async fn a_client_over_its_rate_is_refused_and_the_upstream_is_spared() {
     let refused = codes.iter().filter(|c| **c == ResponseCode::Refused).count();
     assert!(refused >= 10, "a burst of 5, refilled at 5/s: {codes:?}");
     assert_eq!(upstream.asked().len(), 20 - refused, "refused questions never left");
-    let lines = wait_for_lines(&proxy, 20).await;
-    assert_eq!(lines.iter().filter(|l| l.3 == "dns_rate_limit").count(), refused);
+    let lines = wait_for_lines(&proxy, 20 - refused + 1).await;
+    let written = lines.iter().filter(|l| l.3 == "dns_rate_limit").count();
+    assert!((1..=2).contains(&written), "one line a second, not one per refusal: {written} of {refused}");
+    let (resp, _) =
+        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
+            .await;
+    let series =
+        format!("egress_proxy_dns_queries_total{{decision=\"deny\",reason=\"dns_rate_limit\",type=\"A\"}} {refused}");
+    assert!(String::from_utf8_lossy(&resp).contains(&series), "every one counted: {series}");
+}
+
+#[tokio::test]
+async fn in_report_mode_a_name_no_rule_allows_is_answered_as_would_deny() {
+    let upstream = DnsServer::start().await;
+    let proxy = proxy(&upstream, "[policy]\nmode = \"report\"").await;
+    let dns = proxy.dns_addr.unwrap();
+    let answer = ask(dns, "elsewhere.example.", RecordType::A).await;
+    assert_eq!((answer.response_code(), addrs(&answer).len()), (ResponseCode::NoError, 1));
+    assert_eq!(
+        ask(dns, "ok.dns.test.", RecordType::TXT).await.response_code(),
+        ResponseCode::Refused,
+        "types still hold"
+    );
+    let lines = wait_for_lines(&proxy, 2).await;
+    assert_eq!(lines[0], line("elsewhere.example", "A", "would_deny", "no_rule"));
 }
