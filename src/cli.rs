@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -279,27 +279,14 @@ fn validate(args: ConfigArgs) -> ExitCode {
 fn audit_verify(args: VerifyArgs) -> ExitCode {
     let mut check = ChainCheck::new();
     let mut out = std::io::stdout().lock();
-    for path in &args.files {
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("{}: cannot read: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        };
-        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
-            let line = match line {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("{}:{}: cannot read: {e}", path.display(), n + 1);
-                    return ExitCode::from(2);
-                }
-            };
-            if let Err(broken) = check.check(&line) {
-                let _ = writeln!(out, "{}:{}: broken link: {broken}", path.display(), n + 1);
-                return ExitCode::from(1);
-            }
-        }
+    let read = each_line(&args.files, |path, n, line| {
+        check.check(line).map_err(|broken| {
+            let _ = writeln!(out, "{}:{n}: broken link: {broken}", path.display());
+            ExitCode::from(1)
+        })
+    });
+    if let Err(code) = read {
+        return code;
     }
     if check.lines() == 0 {
         let _ = writeln!(out, "no audit lines: a log begins with a chain_start line");
@@ -317,23 +304,12 @@ fn audit_verify(args: VerifyArgs) -> ExitCode {
 /// cannot be read, so a half-read log never yields a draft that looks whole.
 fn learn(args: LearnArgs) -> ExitCode {
     let mut learner = Learner::default();
-    for path in &args.files {
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("{}: cannot read: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        };
-        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
-            match line {
-                Ok(line) => learner.line(&line),
-                Err(e) => {
-                    eprintln!("{}:{}: cannot read: {e}", path.display(), n + 1);
-                    return ExitCode::from(2);
-                }
-            }
-        }
+    let read = each_line(&args.files, |_, _, line| {
+        learner.line(line);
+        Ok(())
+    });
+    if let Err(code) = read {
+        return code;
     }
     match learner.draft() {
         Ok(draft) => {
@@ -345,6 +321,29 @@ fn learn(args: LearnArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Calls `f` with every line of every file in order (path, 1-based line number, bytes without the
+/// newline), stopping at its first `Err`. A file or line that cannot be read is reported on stderr
+/// as `FILE[:LINE]: cannot read: why`, and ends the walk with exit code 2.
+fn each_line(
+    files: &[PathBuf],
+    mut f: impl FnMut(&Path, usize, &[u8]) -> Result<(), ExitCode>,
+) -> Result<(), ExitCode> {
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|e| {
+            eprintln!("{}: cannot read: {e}", path.display());
+            ExitCode::from(2)
+        })?;
+        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+            let line = line.map_err(|e| {
+                eprintln!("{}:{}: cannot read: {e}", path.display(), n + 1);
+                ExitCode::from(2)
+            })?;
+            f(path, n + 1, &line)?;
+        }
+    }
+    Ok(())
 }
 
 fn service_tags(args: ServiceTagsArgs) -> ExitCode {
