@@ -138,7 +138,7 @@ pub struct DnsDecided<'a> {
     pub name: &'a str,
     #[serde(rename = "type")]
     pub qtype: &'a str,
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or (report mode) `would_deny`.
     pub decision: &'static str,
     pub reason: Option<&'static str>,
     pub rule: Option<&'a str>,

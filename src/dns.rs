@@ -395,37 +395,9 @@ pub async fn serve_udp(socket: UdpSocket, filter: Arc<DnsFilter>, shutdown: Canc
     }
 }
 
-/// Serves DNS over TCP until `shutdown`: two-byte length, message, answered in order, within
-/// a bound on connections and a timeout on each message.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    filter: Arc<DnsFilter>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let slots = Arc::new(Semaphore::new(TCP_CONNECTIONS));
-    loop {
-        let (stream, from) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, "DNS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-        let filter = Arc::clone(&filter);
-        tracker.spawn(async move {
-            let _ = serve_tcp_conn(stream, from, &filter).await;
-            drop(slot);
-        });
-    }
-}
-
-async fn serve_tcp_conn(mut stream: TcpStream, from: SocketAddr, filter: &DnsFilter) -> std::io::Result<()> {
+/// Serves one DNS-over-TCP connection (`server` accepts them, within `TCP_CONNECTIONS`): two-byte
+/// length, message, answered in order, with a timeout on each message.
+pub async fn serve_tcp_conn(mut stream: TcpStream, from: SocketAddr, filter: &DnsFilter) -> std::io::Result<()> {
     loop {
         let mut len = [0u8; 2];
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -452,7 +424,7 @@ const IN_FLIGHT: usize = 256;
 /// The largest datagram read (EDNS0 allows up to 4096; more is not DNS we answer).
 const MAX_UDP: usize = 4096;
 /// TCP connections served at once.
-const TCP_CONNECTIONS: usize = 64;
+pub const TCP_CONNECTIONS: usize = 64;
 /// A TCP connection with no whole message for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
