@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -24,25 +24,11 @@ fn rules(port: u16, limits: &str) -> String {
     )
 }
 
-/// A CONNECT tunnel to `up.test` from `from` (a loopback address), after its 200.
+/// A CONNECT tunnel to `up.test` from `from` (a loopback address), after its 200; else the head.
 async fn tunnel(proxy: SocketAddr, from: &str, port: u16) -> Result<TcpStream, String> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut s = socket.connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT up.test:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
-            Ok(Ok(1)) => head.push(b[0]),
-            _ => break,
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    if head.starts_with("HTTP/1.1 200") {
-        Ok(s)
-    } else {
-        Err(head)
+    match connect_from(proxy, from, &format!("up.test:{port}")).await {
+        (head, s) if head.starts_with("HTTP/1.1 200") => Ok(s),
+        (head, _) => Err(head),
     }
 }
 
@@ -79,10 +65,7 @@ fn with_event<'a>(lines: &'a [Value], event: &str) -> Vec<&'a Value> {
 }
 
 async fn metric(proxy: &TestProxy, series: &str) -> f64 {
-    let (resp, _) =
-        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
-            .await;
-    let page = String::from_utf8_lossy(&resp).into_owned();
+    let page = admin_page(proxy.admin_addr, "/metrics").await;
     page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 

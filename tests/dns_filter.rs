@@ -207,10 +207,8 @@ async fn many_unique_long_names_under_one_suffix_raise_the_tunnelling_alarm_once
         (alarms[0]["suffix"].as_str(), alarms[0]["unique_names"].as_u64()),
         (Some("attacker.example"), Some(10))
     );
-    let (resp, _) =
-        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
-            .await;
-    assert!(String::from_utf8_lossy(&resp).contains("egress_proxy_dns_tunnel_alarms_total 1"));
+    let resp = admin_page(proxy.admin_addr, "/metrics").await;
+    assert!(resp.contains("egress_proxy_dns_tunnel_alarms_total 1"));
     assert!(upstream.asked().is_empty(), "none of them left the machine");
 }
 
@@ -239,10 +237,8 @@ async fn an_answer_given_to_a_client_is_the_address_the_proxy_dials_for_that_nam
     );
     let asked_a = upstream.asked().iter().filter(|q| q.as_str() == "rotate.dns.test. A").count();
     assert_eq!(asked_a, 1, "one question upstream: the proxy's own lookup was a cache hit");
-    let (resp, _) =
-        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
-            .await;
-    let metrics = String::from_utf8_lossy(&resp).into_owned();
+    let resp = admin_page(proxy.admin_addr, "/metrics").await;
+    let metrics = resp;
     for series in ["egress_proxy_dns_cache_total{result=\"miss\"} 1", "egress_proxy_dns_cache_total{result=\"hit\"} 1"]
     {
         assert!(metrics.contains(series), "{series}: {metrics}");
@@ -265,12 +261,10 @@ async fn a_client_over_its_rate_is_refused_and_the_upstream_is_spared() {
     let lines = wait_for_lines(&proxy, 20 - refused + 1).await;
     let written = lines.iter().filter(|l| l.3 == "dns_rate_limit").count();
     assert!((1..=2).contains(&written), "one line a second, not one per refusal: {written} of {refused}");
-    let (resp, _) =
-        raw_exchange(proxy.admin_addr, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", WAIT)
-            .await;
+    let resp = admin_page(proxy.admin_addr, "/metrics").await;
     let series =
         format!("egress_proxy_dns_queries_total{{decision=\"deny\",reason=\"dns_rate_limit\",type=\"A\"}} {refused}");
-    assert!(String::from_utf8_lossy(&resp).contains(&series), "every one counted: {series}");
+    assert!(resp.contains(&series), "every one counted: {series}");
 }
 
 #[tokio::test]

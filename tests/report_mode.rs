@@ -15,17 +15,7 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// Sends a CONNECT and returns the response head, and the stream (a tunnel after a 200).
 async fn connect(proxy: std::net::SocketAddr, target: &str) -> (String, TcpStream) {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
-            Ok(Ok(1)) => head.push(b[0]),
-            _ => break,
-        }
-    }
-    (String::from_utf8_lossy(&head).into_owned(), s)
+    connect_from(proxy, "127.0.0.1", target).await
 }
 
 /// Proves a tunnel carries bytes both ways (through the echo origin).
@@ -123,13 +113,11 @@ async fn a_deny_rule_in_report_mode_reports_while_an_enforced_one_refuses() {
 }
 
 async fn admin_get(proxy: &TestProxy, path: &str) -> String {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    let (resp, _) = raw_exchange(proxy.admin_addr, req.as_bytes(), WAIT).await;
-    String::from_utf8_lossy(&resp).into_owned()
+    admin_page(proxy.admin_addr, path).await
 }
 
 async fn admin_metrics(proxy: &TestProxy) -> String {
-    admin_get(proxy, "/metrics").await
+    admin_page(proxy.admin_addr, "/metrics").await
 }
 
 // === shadow policy ===

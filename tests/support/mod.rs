@@ -407,6 +407,31 @@ where
     Ok(out)
 }
 
+/// Sends `CONNECT target` to `proxy` from the loopback address `from`, and reads the response head
+/// (each byte within 5 s): the head, and the stream, a tunnel when the head is a 200.
+pub async fn connect_from(proxy: SocketAddr, from: &str, target: &str) -> (String, tokio::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    (String::from_utf8_lossy(&head).into_owned(), s)
+}
+
+/// `GET path` on an admin server: the whole response, as text.
+pub async fn admin_page(admin: SocketAddr, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let (resp, _) = raw_exchange(admin, req.as_bytes(), Duration::from_secs(5)).await;
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
 /// Opens a CONNECT tunnel through `proxy` and returns the stream after the 200 head.
 pub async fn connect_tunnel(proxy: SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
