@@ -1,11 +1,15 @@
-//! Zero-copy tunnel between two TCP sockets: splice(2) through a pipe, so tunnel bytes never enter
+//! Zero-copy tunnel between two TCP sockets: splice(2) through a pipe, so bulk bytes never enter
 //! user space. Linux only, like SO_ORIGINAL_DST.
 //!
-//! A direction holds a pipe only while its socket has bytes: it waits for the socket to be
-//! readable holding nothing, takes a pipe from the pool for the burst, and gives it back, empty,
-//! when a read would block. When the pool has none to give, the burst is copied through a small
-//! buffer that is freed with it.
+//! A direction holds nothing while its socket is quiet. When bytes arrive, the first read goes
+//! through a scratch buffer of the thread's (`first_read`): most bursts (a TLS handshake flight,
+//! a request, a response) fit in it, and a read that comes back short has drained the socket, so
+//! the burst costs one `read` and one `write`. A read that fills the buffer starts a bulk burst:
+//! a pipe is taken from the pool for it and given back, empty, when a read would block; when the
+//! pool has none to give, the burst is copied through a small buffer that is freed with it. After
+//! a bulk burst the next one goes straight to a pipe, until a burst turns out small again.
 
+use std::cell::RefCell;
 use std::io;
 use std::ops::ControlFlow;
 
@@ -21,16 +25,34 @@ use super::Halted;
 /// Moves bytes from `src` to `dst` until `src` reaches end of stream, then shuts down `dst`'s
 /// write half (half-close).
 pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes, flow: &Flow) -> Result<(), Halted> {
+    // Whether the last burst was bulk (it filled the scratch buffer): the next one then goes
+    // straight to a pipe, so that a long transfer is not copied a scratch buffer at a time.
+    let mut bulk = false;
     loop {
         src.readable().await?;
-        let burst = match pipes.take() {
+        let first = !bulk;
+        if first {
+            match first_read(src, dst, flow).await? {
+                First::Filled => {}
+                First::Ended(Burst::End) => return Ok(shutdown(dst)?),
+                First::Ended(Burst::Drained) => continue,
+            }
+        }
+        let (burst, moved) = match pipes.take() {
             Some(lease) => splice_burst(src, dst, &lease, flow).await?,
             None => copy_burst(src, dst, flow).await?,
         };
+        // A burst that filled the scratch buffer was bulk, whatever the pipe moved after it.
+        bulk = first || moved >= FIRST_READ;
         if let Burst::End = burst {
-            return Ok(SockRef::from(dst).shutdown(std::net::Shutdown::Write)?);
+            return Ok(shutdown(dst)?);
         }
     }
+}
+
+/// Shuts down the write half: the end of stream passed on (half-close).
+fn shutdown(dst: &TcpStream) -> io::Result<()> {
+    SockRef::from(dst).shutdown(std::net::Shutdown::Write)
 }
 
 /// How a burst ended without an error.
@@ -41,20 +63,120 @@ enum Burst {
     End,
 }
 
-/// Splices while `src` has bytes. The pipe is always emptied into `dst` before the next read, so
-/// a `WouldBlock` on the read side means the socket is drained and the pipe empty.
-async fn splice_burst(src: &TcpStream, dst: &TcpStream, lease: &Lease<'_>, flow: &Flow) -> Result<Burst, Halted> {
+/// What the first read of a burst found.
+enum First {
+    /// The burst is over (and its bytes written).
+    Ended(Burst),
+    /// The read filled the scratch buffer (its bytes are written): there is probably more.
+    Filled,
+}
+
+/// What one read found.
+enum Read {
+    /// End of stream.
+    End,
+    /// Nothing: the readiness was stale.
+    Nothing,
+    /// `n` bytes, fewer than asked for: the socket is drained, and its readiness was cleared.
+    Last(usize),
+    /// `n` bytes, as many as asked for: there may be more.
+    Full(usize),
+}
+
+thread_local! {
+    /// The first read of every burst on this thread lands here and is written on before the
+    /// task yields, so that a tunnel holds no buffer between bursts.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; FIRST_READ]);
+}
+
+/// Reads once into the thread's scratch buffer and writes the bytes on. What `dst` does not take
+/// at once is copied out of the scratch buffer and written when it can take it.
+async fn first_read(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<First, Halted> {
+    let (first, rest) = SCRATCH.with_borrow_mut(|scratch| -> Result<_, Halted> {
+        let len = scratch.len().min(flow.allowance());
+        let buf = scratch.get_mut(..len).unwrap_or_default();
+        let (n, first) = match read_some(src, buf)? {
+            Read::End => return Ok((First::Ended(Burst::End), Vec::new())),
+            Read::Nothing => return Ok((First::Ended(Burst::Drained), Vec::new())),
+            Read::Last(n) => (n, First::Ended(Burst::Drained)),
+            Read::Full(n) => (n, First::Filled),
+        };
+        if let ControlFlow::Break(cut) = flow.pass(n) {
+            return Err(Halted::Cut(cut));
+        }
+        let chunk = buf.get(..n).unwrap_or_default();
+        let written = match dst.try_write(chunk) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((first, chunk.get(written..).unwrap_or_default().to_vec()))
+    })?;
+    write_all(dst, &rest).await?;
+    Ok(first)
+}
+
+/// One read of at most `buf.len()` bytes. A TCP read that returns fewer bytes than asked for has
+/// emptied the receive queue, so the socket's readiness is cleared with it, inside the same
+/// readiness check (as tokio's own `poll_read` does): bytes that arrive after the read raise a
+/// new readiness event, which this does not clear. The next wait is then for new bytes, not a
+/// read that would only say `EAGAIN`.
+fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Read> {
+    let asked = buf.len();
+    let mut short = 0;
+    let read = src.try_io(Interest::READABLE, || {
+        let n = rustix::io::read(src, &mut *buf)?;
+        if n > 0 && n < asked {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match read {
+        Ok(0) => Ok(Read::End),
+        Ok(n) => Ok(Read::Full(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(Read::Last(short)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Nothing),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes all of `chunk` to `dst`, waiting for it to take each part.
+async fn write_all(dst: &TcpStream, mut chunk: &[u8]) -> Result<(), Halted> {
+    while !chunk.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(chunk) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(m) => chunk = chunk.get(m..).unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Splices while `src` has bytes, and says how many it moved. The pipe is always emptied into `dst` before the next read, so
+/// a `WouldBlock` on the read side means the socket is drained and the pipe empty. (A short
+/// splice proves nothing here: it also stops when the pipe runs out of slots.)
+async fn splice_burst(
+    src: &TcpStream,
+    dst: &TcpStream,
+    lease: &Lease<'_>,
+    flow: &Flow,
+) -> Result<(Burst, usize), Halted> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let pipe = lease.pipe();
     let (capacity, pipe_in, pipe_out) = (pipe.capacity, &pipe.write, &pipe.read);
+    let mut moved = 0usize;
     loop {
         let len = capacity.min(flow.allowance());
         let n = match src.try_io(Interest::READABLE, || Ok(splice(src, None, pipe_in, None, len, flags)?)) {
-            Ok(0) => return Ok(Burst::End),
+            Ok(0) => return Ok((Burst::End, moved)),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Burst::Drained, moved)),
             Err(e) => return Err(e.into()),
         };
+        moved = moved.saturating_add(n);
         lease.set_held(n);
         if let ControlFlow::Break(cut) = flow.pass(n) {
             return Err(Halted::Cut(cut));
@@ -71,32 +193,33 @@ async fn splice_burst(src: &TcpStream, dst: &TcpStream, lease: &Lease<'_>, flow:
     }
 }
 
-/// Copies while `src` has bytes, through a buffer that lives as long as the burst.
-async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<Burst, Halted> {
+/// Copies while `src` has bytes, through a buffer that lives as long as the burst, and says how
+/// many it moved.
+async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(Burst, usize), Halted> {
     let mut buf = vec![0u8; FALLBACK_BUF];
+    let mut moved = 0usize;
     loop {
         let len = buf.len().min(flow.allowance());
-        let n = match src.try_read(buf.get_mut(..len).unwrap_or_default()) {
-            Ok(0) => return Ok(Burst::End),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-            Err(e) => return Err(e.into()),
+        let (n, last) = match read_some(src, buf.get_mut(..len).unwrap_or_default())? {
+            Read::End => return Ok((Burst::End, moved)),
+            Read::Nothing => return Ok((Burst::Drained, moved)),
+            Read::Last(n) => (n, true),
+            Read::Full(n) => (n, false),
         };
+        moved = moved.saturating_add(n);
         if let ControlFlow::Break(cut) = flow.pass(n) {
             return Err(Halted::Cut(cut));
         }
-        let mut chunk = buf.get(..n).unwrap_or_default();
-        while !chunk.is_empty() {
-            dst.writable().await?;
-            match dst.try_write(chunk) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(m) => chunk = chunk.get(m..).unwrap_or_default(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e.into()),
-            }
+        write_all(dst, buf.get(..n).unwrap_or_default()).await?;
+        if last {
+            return Ok((Burst::Drained, moved));
         }
     }
 }
+
+/// The scratch buffer of a burst's first read: a TLS record fits, and so does most of a
+/// handshake flight or a small request or response.
+const FIRST_READ: usize = 16 * 1024;
 
 /// The buffer of a copied burst: small, since it is the fallback when no pipe is free.
 const FALLBACK_BUF: usize = 16 * 1024;
