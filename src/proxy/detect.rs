@@ -12,6 +12,7 @@ use crate::policy::{DenyReason, HostName, TunnelOptions};
 use crate::tls::{self, ClientHello, Parsed};
 
 use super::head::{self, Head, HeadError};
+use super::read::{read_some_into, Read};
 use super::refusal::Refusal;
 
 /// What a parser says about the bytes read so far.
@@ -89,11 +90,10 @@ pub async fn detect<D: Detect>(
                 }
                 // Read into the buffer's own spare room: an array here would sit in the state of
                 // every connection's future, tunnels included, for their whole life.
-                buf.reserve(READ_CHUNK.min(limit.saturating_sub(buf.len())).max(1));
-                match stream.try_read_buf(&mut buf) {
-                    Ok(0) => break Stop::Eof,
+                let room = READ_CHUNK.min(limit.saturating_sub(buf.len()));
+                match read_some_into(stream, &mut buf, room) {
+                    Ok(Read::End) => break Stop::Eof,
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => break Stop::Error,
                 }
             }

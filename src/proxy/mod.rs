@@ -13,6 +13,7 @@
 //! - `head`: the strict, sans-IO HTTP/1 request-head reader `detect` drives for `plain`.
 //! - `retry`: follows a HelloRetryRequest to the second ClientHello, and checks it too.
 //! - `prefixed`: replays bytes a detector read, as the start of the stream, to hyper.
+//! - `read`: one read from a socket that clears its readiness when the read drained it.
 //! - `refusal`: every way to refuse, with its status and stable reason name; `body`: the boxed
 //!   response body.
 
@@ -26,6 +27,7 @@ pub mod forward;
 pub mod head;
 pub mod http;
 pub mod prefixed;
+pub mod read;
 pub mod refusal;
 pub mod retry;
 pub mod transparent;

@@ -21,6 +21,7 @@ use crate::tls::{self, ClientHello, Parsed};
 use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, Detect, Step, Stop};
 use super::dial::Upstream;
+use super::read::{read_some_into, Read};
 use super::refusal::Refusal;
 use super::tunnel::meter::{Direction, Flow, Meter};
 use super::tunnel::tunnel_tcp;
@@ -117,27 +118,23 @@ async fn server_first(client: &TcpStream, upstream: &TcpStream, wait: Duration) 
         tokio::select! {
             r = upstream.readable() => {
                 r.map_err(|_| Refusal::UpstreamUnreachable)?;
-                bytes.reserve(READ_CHUNK);
-                match upstream.try_read_buf(&mut bytes) {
+                match read_some_into(upstream, &mut bytes, READ_CHUNK) {
                     // The server closed: nothing more to follow.
-                    Ok(0) => return Ok(ServerFirstFlight { bytes, retry: false, held }),
+                    Ok(Read::End) => return Ok(ServerFirstFlight { bytes, retry: false, held }),
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(Refusal::UpstreamUnreachable),
                 }
             }
             r = client.readable(), if !client_done && held.len() < tls::MAX_HELLO_BYTES => {
                 r.map_err(|_| Refusal::ClientGone)?;
-                held.reserve(READ_CHUNK);
-                match client.try_read_buf(&mut held) {
-                    Ok(0) => {
+                match read_some_into(client, &mut held, READ_CHUNK) {
+                    Ok(Read::End) => {
                         client_done = true;
                         if held.is_empty() {
                             let _ = socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
                         }
                     }
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(Refusal::ClientGone),
                 }
             }

@@ -19,6 +19,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::meter::Flow;
+use crate::proxy::read::{read_some, Read};
 use super::pipes::{Lease, Pipes};
 use super::Halted;
 
@@ -71,18 +72,6 @@ enum First {
     Filled,
 }
 
-/// What one read found.
-enum Read {
-    /// End of stream.
-    End,
-    /// Nothing: the readiness was stale.
-    Nothing,
-    /// `n` bytes, fewer than asked for: the socket is drained, and its readiness was cleared.
-    Last(usize),
-    /// `n` bytes, as many as asked for: there may be more.
-    Full(usize),
-}
-
 thread_local! {
     /// The first read of every burst on this thread lands here and is written on before the
     /// task yields, so that a tunnel holds no buffer between bursts.
@@ -114,31 +103,6 @@ async fn first_read(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<Fir
     })?;
     write_all(dst, &rest).await?;
     Ok(first)
-}
-
-/// One read of at most `buf.len()` bytes. A TCP read that returns fewer bytes than asked for has
-/// emptied the receive queue, so the socket's readiness is cleared with it, inside the same
-/// readiness check (as tokio's own `poll_read` does): bytes that arrive after the read raise a
-/// new readiness event, which this does not clear. The next wait is then for new bytes, not a
-/// read that would only say `EAGAIN`.
-fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Read> {
-    let asked = buf.len();
-    let mut short = 0;
-    let read = src.try_io(Interest::READABLE, || {
-        let n = rustix::io::read(src, &mut *buf)?;
-        if n > 0 && n < asked {
-            short = n;
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match read {
-        Ok(0) => Ok(Read::End),
-        Ok(n) => Ok(Read::Full(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(Read::Last(short)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Nothing),
-        Err(e) => Err(e),
-    }
 }
 
 /// Writes all of `chunk` to `dst`, waiting for it to take each part.
