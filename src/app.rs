@@ -76,7 +76,7 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
         [&mut listeners.http, &mut listeners.tls, &mut listeners.plain, &mut listeners.catch_all, &mut listeners.admin];
     for ((name, addr), slot) in wanted.into_iter().zip(slots) {
         let Some(addr) = addr else { continue };
-        match TcpListener::bind(addr).await {
+        match TcpListener::bind(addr).await.and_then(|l| server::nodelay_for_every_connection(&l).map(|()| l)) {
             Ok(l) => {
                 let bound = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
                 tracing::info!(listener = name, addr = %bound, config = %origin, rules, "Listening");
@@ -90,7 +90,10 @@ async fn serve(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) ->
     }
     let dns_sockets = match listen.dns {
         None => None,
-        Some(addr) => match dns::bind(addr).await {
+        Some(addr) => match dns::bind(addr).await.and_then(|(udp, tcp)| {
+            server::nodelay_for_every_connection(&tcp)?;
+            Ok((udp, tcp))
+        }) {
             Ok((udp, tcp)) => {
                 let bound = udp.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
                 tracing::info!(listener = "dns", addr = %bound, config = %origin, rules, "Listening (UDP and TCP)");

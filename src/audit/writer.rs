@@ -65,8 +65,14 @@ struct Report {
 /// The writer thread's own state.
 struct Writer {
     sink: Sink,
-    /// The hash of the last line written: the next line's `prev`.
+    /// The hash of the last line queued in `batch` (or written): the next line's `prev`.
     prev: LineHash,
+    /// The hash of the last line written: what `prev` goes back to when a batch is lost.
+    written: LineHash,
+    /// Lines made (with `prev` and newline) and not yet written: what one `write` takes.
+    batch: Vec<u8>,
+    /// How many lines `batch` holds.
+    batched: u64,
     shared: Arc<Shared>,
 }
 
@@ -95,6 +101,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 const MAX_TAIL: usize = 1024 * 1024;
 /// How long the writer naps after a busy spell before it parks (see `Writer::run`).
 const NAP: Duration = Duration::from_micros(500);
+/// A batch this big is written at once, without waiting for the queue to empty.
+const BATCH_BYTES: usize = 256 * 1024;
 
 // === impl Queue ===
 
@@ -107,18 +115,19 @@ impl Queue {
     pub fn open(path: &str, metrics: Metrics) -> io::Result<Self> {
         let shared = Shared::new(metrics);
         if path == "-" {
-            return Self::start(Writer { sink: Sink::Stdout(io::stdout()), prev: GENESIS, shared }, true);
+            return Self::start(Writer::new(Sink::Stdout(io::stdout()), GENESIS, shared), true);
         }
         let (file, prev) = open_file(Path::new(path), GENESIS)?;
-        let mut writer = Writer { sink: Sink::File { file, path: path.into() }, prev, shared };
+        let mut writer = Writer::new(Sink::File { file, path: path.into() }, prev, shared);
         writer.append(chain_start()?)?;
+        writer.write_batch().map_err(|(_, e)| e)?;
         Self::start(writer, false)
     }
 
     /// A queue whose writer writes to `w` (tests: a sink that stalls on demand).
     #[cfg(test)]
     pub fn to(w: Box<dyn Write + Send>, metrics: Metrics) -> io::Result<Self> {
-        Self::start(Writer { sink: Sink::Other(w), prev: GENESIS, shared: Shared::new(metrics) }, true)
+        Self::start(Writer::new(Sink::Other(w), GENESIS, Shared::new(metrics)), true)
     }
 
     fn start(writer: Writer, chain_start: bool) -> io::Result<Self> {
@@ -196,8 +205,13 @@ impl Shared {
 
     /// Counts one lost line, and reports it.
     fn lost(&self, why: &str) {
-        self.metrics.audit_lost.inc();
-        self.report.unreported.fetch_add(1, Ordering::AcqRel);
+        self.lost_many(1, why);
+    }
+
+    /// Counts `n` lost lines, and reports them.
+    fn lost_many(&self, n: u64, why: &str) {
+        self.metrics.audit_lost.inc_by(n);
+        self.report.unreported.fetch_add(n, Ordering::AcqRel);
         self.report(why);
     }
 
@@ -223,19 +237,26 @@ impl Shared {
 // === impl Writer ===
 
 impl Writer {
+    fn new(sink: Sink, prev: LineHash, shared: Arc<Shared>) -> Self {
+        Self { sink, prev, written: prev, batch: Vec::new(), batched: 0, shared }
+    }
+
     fn run(mut self, rx: Receiver<Msg>, chain_start: bool) {
         if chain_start {
             self.write_chain_start();
+            self.write();
         }
         while let Ok(msg) = rx.recv() {
             self.handle(msg);
             // While lines keep coming, nap briefly instead of parking: a sender that finds the
             // writer parked must wake it, a futex call and a context switch on the data path
-            // for every line. A nap costs only this thread, and a line waits at most one nap.
+            // for every line. A nap costs only this thread, and a line waits at most one nap
+            // (and one write). The lines that came meanwhile go out in one write.
             loop {
                 while let Ok(msg) = rx.try_recv() {
                     self.handle(msg);
                 }
+                self.write();
                 std::thread::sleep(NAP);
                 match rx.try_recv() {
                     Ok(msg) => self.handle(msg),
@@ -251,19 +272,32 @@ impl Writer {
             self.reopen();
         }
         match msg {
-            Msg::Line(line) => self.write(line),
+            Msg::Line(line) => self.add(line),
             Msg::Reopen => self.reopen(),
             Msg::Flush(done) => {
+                self.write();
                 let _ = done.send(());
             }
         }
     }
 
-    /// Writes one line, or counts it lost.
-    fn write(&mut self, line: Vec<u8>) {
+    /// Adds one line to the batch (written at once if the batch is big), or counts it lost.
+    fn add(&mut self, line: Vec<u8>) {
         match self.append(line) {
+            Ok(()) if self.batch.len() >= BATCH_BYTES => self.write(),
+            Ok(()) => {}
+            Err(e) => self.shared.lost(&format!("an audit line could not be made: {e}")),
+        }
+    }
+
+    /// Writes the batch, or counts its lines lost.
+    fn write(&mut self) {
+        if self.batched == 0 {
+            return;
+        }
+        match self.write_batch() {
             Ok(()) => self.shared.report("lost before this report; the audit log is being written again"),
-            Err(e) => self.shared.lost(&format!("the audit sink cannot be written: {e}")),
+            Err((n, e)) => self.shared.lost_many(n, &format!("the audit sink cannot be written: {e}")),
         }
     }
 
@@ -271,11 +305,14 @@ impl Writer {
     /// `chain_start` linked to the new file's last line, or, in a new file, to the last line
     /// written to the old one. If it cannot be opened, lines go on to the file open now.
     fn reopen(&mut self) {
+        // The lines made so far belong to the file they link to.
+        self.write();
         let Sink::File { file, path } = &mut self.sink else { return };
         match open_file(path, self.prev) {
             Ok((new, prev)) => {
                 *file = new;
                 self.prev = prev;
+                self.written = prev;
                 tracing::info!(path = %path.display(), "Audit log reopened");
                 self.write_chain_start();
             }
@@ -287,13 +324,13 @@ impl Writer {
 
     fn write_chain_start(&mut self) {
         match chain_start() {
-            Ok(line) => self.write(line),
+            Ok(line) => self.add(line),
             Err(e) => self.shared.lost(&format!("the chain_start line could not be made: {e}")),
         }
     }
 
-    /// Ends `line` (a serialised JSON object) with `"prev"`, writes it and its newline, and makes
-    /// it the line the next one links to. A line not written leaves the chain as it was.
+    /// Ends `line` (a serialised JSON object) with `"prev"` and a newline, adds it to the batch,
+    /// and makes it the line the next one links to.
     fn append(&mut self, mut line: Vec<u8>) -> io::Result<()> {
         if line.pop() != Some(b'}') {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "an audit line is not a JSON object"));
@@ -301,17 +338,38 @@ impl Writer {
         line.extend_from_slice(b",\"prev\":\"");
         line.extend_from_slice(chain::hex(&self.prev).as_bytes());
         line.extend_from_slice(b"\"}");
-        let hash = chain::digest(&line);
-        line.push(b'\n');
-        match &mut self.sink {
-            Sink::Stdout(out) => out.write_all(&line).and_then(|()| out.flush()),
-            Sink::File { file, .. } => file.write_all(&line),
-            #[cfg(test)]
-            Sink::Other(w) => w.write_all(&line).and_then(|()| w.flush()),
-        }?;
-        self.prev = hash;
-        self.shared.metrics.audit_lines.inc();
+        self.prev = chain::digest(&line);
+        self.batch.extend_from_slice(&line);
+        self.batch.push(b'\n');
+        self.batched += 1;
         Ok(())
+    }
+
+    /// Writes the batch in one write. Not written, its lines are lost (the error says how many)
+    /// and the chain goes back to the last line written, so that the next line links to it.
+    fn write_batch(&mut self) -> Result<(), (u64, io::Error)> {
+        let done = match &mut self.sink {
+            Sink::Stdout(out) => out.write_all(&self.batch).and_then(|()| out.flush()),
+            Sink::File { file, .. } => file.write_all(&self.batch),
+            #[cfg(test)]
+            Sink::Other(w) => w.write_all(&self.batch).and_then(|()| w.flush()),
+        };
+        let lines = std::mem::take(&mut self.batched);
+        self.batch.clear();
+        if self.batch.capacity() > BATCH_BYTES {
+            self.batch = Vec::new();
+        }
+        match done {
+            Ok(()) => {
+                self.written = self.prev;
+                self.shared.metrics.audit_lines.inc_by(lines);
+                Ok(())
+            }
+            Err(e) => {
+                self.prev = self.written;
+                Err((lines, e))
+            }
+        }
     }
 }
 
@@ -385,6 +443,61 @@ mod tests {
         let path = dir.path().join("a");
         std::fs::write(&path, bytes).unwrap();
         last_line(&File::open(&path).unwrap()).unwrap()
+    }
+
+    /// A sink that fails its next write when told to, and keeps what it was given.
+    #[derive(Clone, Default)]
+    struct Flaky(Arc<std::sync::Mutex<(Vec<u8>, bool, usize)>>);
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut g = self.0.lock().unwrap();
+            g.2 += 1;
+            if std::mem::take(&mut g.1) {
+                return Err(io::Error::other("disk full"));
+            }
+            g.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(id: u32) -> Vec<u8> {
+        format!(r#"{{"event":"decision","id":{id}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn lines_go_out_a_batch_a_write_and_a_lost_batch_leaves_the_chain_whole() {
+        let (sink, metrics) = (Flaky::default(), Metrics::new());
+        let mut w = Writer::new(Sink::Other(Box::new(sink.clone())), GENESIS, Shared::new(metrics.clone()));
+        w.write_chain_start();
+        for id in 1..3 {
+            w.add(line(id));
+        }
+        w.write();
+        assert_eq!(sink.0.lock().unwrap().2, 1, "three lines, one write");
+        assert_eq!(metrics.audit_lines.get(), 3);
+
+        sink.0.lock().unwrap().1 = true;
+        w.add(line(3));
+        w.add(line(4));
+        w.write();
+        assert_eq!((metrics.audit_lines.get(), metrics.audit_lost.get()), (3, 2), "the failed batch's lines are lost");
+
+        w.add(line(5));
+        w.write();
+        let raw = String::from_utf8(sink.0.lock().unwrap().0.clone()).unwrap();
+        let lines: Vec<&str> = raw.lines().collect();
+        assert_eq!(lines.len(), 4, "{raw}");
+        assert!(lines[3].contains(r#""id":5,"#), "{raw}");
+        let mut check = chain::ChainCheck::new();
+        assert!(
+            lines.iter().all(|l| check.check(l.as_bytes()).is_ok()),
+            "line 5 links to line 2, the last written: {raw}"
+        );
     }
 
     #[test]

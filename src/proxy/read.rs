@@ -80,7 +80,10 @@ mod tests {
         // Cleared: a read now finds no readiness and makes no system call.
         assert_eq!(read_some_into(&b, &mut buf, 64).unwrap(), Read::Nothing);
         a.write_all(b" world").await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), b.readable()).await.expect("woken by new bytes").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), b.readable())
+            .await
+            .expect("woken by new bytes")
+            .unwrap();
         assert_eq!(read_some_into(&b, &mut buf, 64).unwrap(), Read::Last(6));
         let mut exact = [0u8; 3];
         a.write_all(b"abcdef").await.unwrap();

@@ -19,9 +19,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::meter::Flow;
-use crate::proxy::read::{read_some, Read};
 use super::pipes::{Lease, Pipes};
 use super::Halted;
+use crate::proxy::read::{read_some, Read};
 
 /// Moves bytes from `src` to `dst` until `src` reaches end of stream, then shuts down `dst`'s
 /// write half (half-close).
