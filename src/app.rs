@@ -38,7 +38,11 @@ pub fn run(loaded: Loaded, config: Option<PathBuf>, regions: Vec<String>) -> Exi
     if let Some(warning) = descriptors::check(&loaded.config.limits, server::ADMIN_CONNECTIONS, nofile.soft) {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = &loaded.config.limits.workers {
+        runtime.worker_threads(*workers.get_ref());
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the runtime");

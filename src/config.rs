@@ -458,6 +458,10 @@ pub struct Limits {
     /// On SIGTERM, how long open tunnels may run before they are closed.
     #[serde(default = "shutdown_grace")]
     pub shutdown_grace: Spanned<Seconds>,
+    /// Threads that serve connections, so at most this many cores (HAProxy's `nbthread`, nginx's
+    /// `worker_processes`). Unset: one for each CPU the process may run on.
+    #[serde(default)]
+    pub workers: Option<Spanned<usize>>,
 }
 
 /// A duration written the way operators write them: `"10s"`, `"1m 30s"`, `"250ms"`.
@@ -717,6 +721,7 @@ impl Default for Limits {
             max_connections_per_client: max_connections_per_client(),
             max_pipes: max_pipes(),
             shutdown_grace: shutdown_grace(),
+            workers: None,
         }
     }
 }

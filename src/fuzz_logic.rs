@@ -417,6 +417,7 @@ const FIELDS: &[&str] = &[
     "max_connections",
     "max_connections_per_client",
     "shutdown_grace",
+    "workers",
     "nftables",
     "proxy_uid",
     "dns",

@@ -104,6 +104,9 @@ pub fn compile(config: &Config, tags: &TagTable) -> Result<Compiled, ConfigError
     {
         cx.error(zero.span(), "limits", "max_connections and max_connections_per_client must be at least 1".into());
     }
+    if let Some(workers) = limits.workers.as_ref().filter(|w| !(1..=MAX_WORKERS).contains(w.get_ref())) {
+        cx.error(workers.span(), "limits.workers", format!("must be from 1 to {MAX_WORKERS}"));
+    }
 
     let regions: Vec<String> = regions
         .iter()
@@ -442,6 +445,8 @@ fn lint(rule: &Rule) -> Vec<Warning> {
 
 /// Longer durations are mistakes, and would overflow deadline arithmetic.
 const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
+/// `[limits] workers`: more threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 /// hyper refuses a read buffer under 8 KiB; over 1 MiB a request head is an attack.
 const MIN_HEAD_BYTES: usize = 8 * 1024;
 const MAX_HEAD_BYTES: usize = 1024 * 1024;

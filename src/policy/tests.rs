@@ -248,6 +248,8 @@ fn limits_are_located_wherever_they_are_written() {
         compile_err("[limits]\nmax_connections = 5\nmax_connections_per_client = 0\n"),
         ["3:limits: max_connections and max_connections_per_client must be at least 1"]
     );
+    assert_eq!(compile_err("[limits]\nworkers = 0\n"), ["2:limits.workers: must be from 1 to 1024"]);
+    assert_eq!(compile_err("[limits]\nworkers = 4096\n"), ["2:limits.workers: must be from 1 to 1024"]);
 }
 
 #[test]
