@@ -133,6 +133,7 @@ mine() {
   local s
   s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
   s=${s##*) }
+  # shellcheck disable=SC2086 # the fields, split on purpose
   set -- $s
   [ "$2" = "$$" ] && [ "$1" != Z ]
 }
@@ -223,10 +224,10 @@ measure() { # target mode dial-address [pid]
   say "pass $pass/$runs: $target ($mode, $dial)"
   # Per-request latency with every process of the path on CPU 0: the path's own cost, without
   # the wake-ups across cores that would otherwise dominate it on a small VM.
-  pin 0 "$ORIGIN_PID" $pid
+  pin 0 "$ORIGIN_PID" ${pid:+"$pid"}
   timeout -k 5 "$CALL_LIMIT" taskset -c 0 "$LOADGEN" latency "${common[@]}" --secs "$W_LAT" --count "$N_LAT" >>"$RESULTS" ||
     echo "   (loadgen latency exited $?)" >&2
-  pin "$ALL_CPUS" "$ORIGIN_PID" $pid
+  pin "$ALL_CPUS" "$ORIGIN_PID" ${pid:+"$pid"}
   if [ -n "$pid" ] && [ "$idle" -gt 0 ]; then
     lg idle "${common[@]}" --conns "$idle" --secs "$IDLE_OPEN" --hold "$IDLE_HOLD"
     sleep 0.5
@@ -289,7 +290,8 @@ ORIGIN_PID=$BG
 await_port "$ORIGIN_PORT" 10 || { echo "the origin did not start:" >&2; cat "$DIR/logs/origin"* >&2; exit 1; }
 : >"$RESULTS"
 T0=$(date +%s)
-targets=(${peers//,/ } egress-proxy egress-proxy-sni)
+IFS=, read -ra targets <<<"$peers"
+targets+=(egress-proxy egress-proxy-sni)
 for ((pass = 1; pass <= runs; pass++)); do
   measure direct direct "127.0.0.1:$ORIGIN_PORT"
   # Each pass starts one target further along, so that no target always comes first.
