@@ -181,6 +181,17 @@ pin() { # cpus pid... : every thread of every process in their trees
   done
 }
 ALL_CPUS="0-$(($(nproc) - 1))"
+# Noise: CPU ticks the whole machine spent (user, nice, system) against those of this script and
+# every process it started and reaped (its children's times count once they have been waited for).
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4; exit}' /proc/stat; }
+own_ticks() {
+  local s
+  s=$(cat "/proc/$$/stat")
+  s=${s##*) }
+  # shellcheck disable=SC2086 # the fields, split on purpose
+  set -- $s
+  echo $((${12} + ${13} + ${14} + ${15}))
+}
 
 # ------------------------------------------------------------------ versions, machine
 pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null; }
@@ -290,6 +301,7 @@ ORIGIN_PID=$BG
 await_port "$ORIGIN_PORT" 10 || { echo "the origin did not start:" >&2; cat "$DIR/logs/origin"* >&2; exit 1; }
 : >"$RESULTS"
 T0=$(date +%s)
+MACHINE0=$(machine_ticks) OWN0=$(own_ticks)
 IFS=, read -ra targets <<<"$peers"
 targets+=(egress-proxy egress-proxy-sni)
 for ((pass = 1; pass <= runs; pass++)); do
@@ -309,7 +321,10 @@ for ((pass = 1; pass <= runs; pass++)); do
 done
 stop "$ORIGIN_PID"
 ELAPSED=$(($(date +%s) - T0))
-say "measured in $ELAPSED s; records: $RESULTS"
+OTHERS=$(awk -v m=$(($(machine_ticks) - MACHINE0)) -v o=$(($(own_ticks) - OWN0)) -v hz="$(getconf CLK_TCK)" \
+  -v cap="$((ELAPSED * $(nproc)))" 'BEGIN { x = (m - o) / hz; if (x < 0) x = 0; printf "%.0f", 100 * x / (cap > 0 ? cap : 1) }')
+say "measured in $ELAPSED s; other processes used about $OTHERS % of the machine meanwhile; records: $RESULTS"
+echo "measured in $ELAPSED s; other processes used about $OTHERS % of the machine's CPU meanwhile" >>"$OUT/about-$STAMP.txt"
 
 TABLES=$("$LOADGEN" table "$RESULTS") || exit 1
 echo "$TABLES"
@@ -327,7 +342,8 @@ SECTION="$OUT/section-$STAMP.md"
   echo "Written by \`$COMMAND\` on $DATE (measuring took $ELAPSED s); every run rewrites this section."
   echo "\`benches/side-by-side.sh --install\` once installs the peers; \`benches/side-by-side.sh --runs 3\` gives medians of three interleaved runs."
   echo
-  echo "- Machine: $MACHINE; load average before the run $LOAD_BEFORE. The client, the origin and the proxy share the cores; everything is on 127.0.0.1."
+  echo "- Machine: $MACHINE. The client, the origin and the proxy share the cores; everything is on 127.0.0.1."
+  echo "  Load average before the run: $LOAD_BEFORE; processes other than this benchmark's used about $OTHERS % of the machine's CPU during it$([ "$OTHERS" -ge 10 ] && echo ": the figures are disturbed")."
   echo "- Versions: $VERSIONS."
   [ "${#NOT_MEASURED[@]}" -gt 0 ] && echo "- Not measured (not installed, or did not start): ${NOT_MEASURED[*]}."
   echo "- Each proxy allows only \`localhost\` (the origin, nginx with TLS on 127.0.0.1:$ORIGIN_PORT) and refuses \`blocked.example\`:"
