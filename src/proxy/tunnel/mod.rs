@@ -342,6 +342,31 @@ mod tests {
         assert_eq!(ping_pong(&sizes, 300, 0).await, 0);
     }
 
+    #[tokio::test]
+    async fn an_upstream_that_stops_reading_holds_a_bounded_amount_and_is_cut_when_idle() {
+        let (mut client_peer, client) = tcp_pair().await;
+        let (upstream, _deaf) = tcp_pair().await;
+        let meter = Meter::new();
+        let (m, started) = (meter.clone(), std::time::Instant::now());
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_millis(500), CancellationToken::new())
+                .await
+        });
+        // The client pushes until the kernel buffers on both sides and the tunnel's one pending
+        // chunk are full; then its writes stop being taken.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut pushed = 0usize;
+        while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), client_peer.write_all(&chunk)).await {
+            pushed += chunk.len();
+            assert!(pushed < 64 * 1024 * 1024, "a deaf upstream must stop the client's writes");
+        }
+        let end = tokio::time::timeout(Duration::from_secs(5), t).await.expect("cut by the idle timeout").unwrap();
+        assert_eq!(end, End::Idle);
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        let (up, _) = meter.bytes();
+        assert!(up as usize <= pushed + chunk.len(), "counted {up} of {pushed} pushed");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closes_an_idle_tunnel() {
         let (client, _c) = duplex(64);

@@ -45,7 +45,8 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes, flo
             }
         }
         // A bulk burst's state is boxed: allocated while bytes flow, so that the future every
-        // idle tunnel holds is only as big as its wait for bytes (256 bytes a direction, not 400; the tunnel task 1,528 bytes, not 1,816).
+        // idle tunnel holds is only as big as its wait for bytes (256 bytes a direction, not
+        // 400; the tunnel task 1,528 bytes, not 1,816).
         let (burst, moved) = match pipes.take() {
             Some(lease) => Box::pin(splice_burst(src, dst, &lease, flow)).await?,
             None => Box::pin(copy_burst(src, dst, flow)).await?,
@@ -125,9 +126,10 @@ async fn write_all(dst: &TcpStream, mut chunk: &[u8]) -> Result<(), Halted> {
     Ok(())
 }
 
-/// Splices while `src` has bytes, and says how many it moved. The pipe is always emptied into `dst` before the next read, so
-/// a `WouldBlock` on the read side means the socket is drained and the pipe empty. (A short
-/// splice proves nothing here: it also stops when the pipe runs out of slots.)
+/// Splices while `src` has bytes, and says how many it moved. The pipe is always emptied into
+/// `dst` before the next read, so a `WouldBlock` on the read side means the socket is drained and
+/// the pipe empty. (A short splice proves nothing here: it also stops when the pipe runs out of
+/// slots.)
 async fn splice_burst(
     src: &TcpStream,
     dst: &TcpStream,
