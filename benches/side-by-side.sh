@@ -283,6 +283,9 @@ start_target() { # name -> BG, or 1 when it cannot start
       for p in "${PORT[egress-proxy]}" "${PORT[egress-proxy-sni]}" 9901; do
         listening "$p" && { echo "   port $p is taken: $name not measured" >&2; return 1; }
       done
+      # Its audit log (the path benches/anchors.toml names) grows by about 1 GB a full run:
+      # each start begins a new one.
+      rm -f /tmp/egress-proxy-bench-audit.jsonl
       start "$DIR/logs/$name.out" "$EP" run --config "$ROOT/benches/anchors.toml" ;;
   esac
   await_port "$port" 15 || {
