@@ -12,7 +12,7 @@ use crate::policy::{DenyReason, HostName, TunnelOptions};
 use crate::tls::{self, ClientHello, Parsed};
 
 use super::head::{self, Head, HeadError};
-use super::read::{read_some_into, Read};
+use super::read::{read_some_into, Read, READ_CHUNK};
 use super::refusal::Refusal;
 
 /// What a parser says about the bytes read so far.
@@ -238,7 +238,6 @@ fn invalid_host() -> Refusal {
 
 /// change_cipher_spec, alert, handshake, application_data, heartbeat (RFC 8446 §5.1, RFC 6520).
 const TLS_CONTENT_TYPES: std::ops::RangeInclusive<u8> = 0x14..=0x18;
-const READ_CHUNK: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,9 @@ use rustix::buffer::spare_capacity;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+/// The room a detector or the wait for a server's first flight reserves for each read.
+pub const READ_CHUNK: usize = 4096;
+
 /// What one read found.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Read {

@@ -21,7 +21,7 @@ use crate::tls::{self, ClientHello, Parsed};
 use super::conn::{Conn, ConnCx};
 use super::detect::{check_hello, detect, Detect, Step, Stop};
 use super::dial::Upstream;
-use super::read::{read_some_into, Read};
+use super::read::{read_some_into, Read, READ_CHUNK};
 use super::refusal::Refusal;
 use super::tunnel::meter::{Direction, Flow, Meter};
 use super::tunnel::tunnel_tcp;
@@ -184,4 +184,3 @@ impl Detect for SecondHello {
 
 /// A ServerHello fits in far less; more means this is not one.
 const SERVER_FIRST_LIMIT: usize = 16 * 1024;
-const READ_CHUNK: usize = 4096;
