@@ -2,12 +2,12 @@
 //! user space. Linux only, like SO_ORIGINAL_DST.
 //!
 //! A direction holds nothing while its socket is quiet. When bytes arrive, the first read goes
-//! through a scratch buffer of the thread's (`first_read`): most bursts (a TLS handshake flight,
+//! through a scratch buffer of the thread's (`copy_once`): most bursts (a TLS handshake flight,
 //! a request, a response) fit in it, and a read that comes back short has drained the socket, so
 //! the burst costs one `read` and one `write`. A read that fills the buffer starts a bulk burst:
 //! a pipe is taken from the pool for it and given back, empty, when a read would block; when the
-//! pool has none to give, the burst is copied through a small buffer that is freed with it. After
-//! a bulk burst the next one goes straight to a pipe, until a burst turns out small again.
+//! pool has none to give, the burst goes on through the same scratch buffer, a read at a time.
+//! After a bulk burst the next one goes straight to a pipe, until a burst turns out small again.
 
 use std::cell::RefCell;
 use std::io;
@@ -33,15 +33,15 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes, flo
         src.readable().await?;
         let first = !bulk;
         if first {
-            let (read, rest) = first_read(src, dst, flow)?;
+            let (read, rest) = copy_once(src, dst, flow)?;
             if !rest.is_empty() {
                 // `dst` did not take it all at once: rare, so the wait is boxed (see below).
                 Box::pin(write_all(dst, &rest)).await?;
             }
             match read {
-                First::Filled => {}
-                First::Ended(Burst::End) => return Ok(shutdown(dst)?),
-                First::Ended(Burst::Drained) => continue,
+                Read::Full(_) => {}
+                Read::End => return Ok(shutdown(dst)?),
+                Read::Nothing | Read::Last(_) => continue,
             }
         }
         // A bulk burst's state is boxed: allocated while bytes flow, so that the future every
@@ -72,32 +72,24 @@ enum Burst {
     End,
 }
 
-/// What the first read of a burst found.
-enum First {
-    /// The burst is over (and its bytes written).
-    Ended(Burst),
-    /// The read filled the scratch buffer (its bytes are written): there is probably more.
-    Filled,
-}
-
 thread_local! {
-    /// The first read of every burst on this thread lands here and is written on before the
-    /// task yields, so that a tunnel holds no buffer between bursts.
+    /// Every copied read on this thread (a burst's first, and those of a burst that found no
+    /// pipe) lands here and is written on before the task yields, so that a tunnel holds no
+    /// buffer between bursts.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; FIRST_READ]);
 }
 
 /// Reads once into the thread's scratch buffer and writes the bytes on. What `dst` does not take
 /// at once is copied out of the scratch buffer and returned, for the caller to write when `dst`
 /// can take it.
-fn first_read(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(First, Vec<u8>), Halted> {
+fn copy_once(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(Read, Vec<u8>), Halted> {
     SCRATCH.with_borrow_mut(|scratch| {
         let len = scratch.len().min(flow.allowance());
         let buf = scratch.get_mut(..len).unwrap_or_default();
-        let (n, first) = match read_some(src, buf)? {
-            Read::End => return Ok((First::Ended(Burst::End), Vec::new())),
-            Read::Nothing => return Ok((First::Ended(Burst::Drained), Vec::new())),
-            Read::Last(n) => (n, First::Ended(Burst::Drained)),
-            Read::Full(n) => (n, First::Filled),
+        let read = read_some(src, buf)?;
+        let n = match read {
+            Read::End | Read::Nothing => return Ok((read, Vec::new())),
+            Read::Last(n) | Read::Full(n) => n,
         };
         if let ControlFlow::Break(cut) = flow.pass(n) {
             return Err(Halted::Cut(cut));
@@ -108,7 +100,7 @@ fn first_read(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(First, V
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e.into()),
         };
-        Ok((first, chunk.get(written..).unwrap_or_default().to_vec()))
+        Ok((read, chunk.get(written..).unwrap_or_default().to_vec()))
     })
 }
 
@@ -165,33 +157,22 @@ async fn splice_burst(
     }
 }
 
-/// Copies while `src` has bytes, through a buffer that lives as long as the burst, and says how
-/// many it moved.
+/// Copies while `src` has bytes, a scratch buffer at a time (`copy_once`), and says how many it
+/// moved: the burst of a tunnel that found no pipe free.
 async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(Burst, usize), Halted> {
-    let mut buf = vec![0u8; FALLBACK_BUF];
     let mut moved = 0usize;
     loop {
-        let len = buf.len().min(flow.allowance());
-        let (n, last) = match read_some(src, buf.get_mut(..len).unwrap_or_default())? {
+        let (read, rest) = copy_once(src, dst, flow)?;
+        write_all(dst, &rest).await?;
+        match read {
             Read::End => return Ok((Burst::End, moved)),
             Read::Nothing => return Ok((Burst::Drained, moved)),
-            Read::Last(n) => (n, true),
-            Read::Full(n) => (n, false),
-        };
-        moved = moved.saturating_add(n);
-        if let ControlFlow::Break(cut) = flow.pass(n) {
-            return Err(Halted::Cut(cut));
-        }
-        write_all(dst, buf.get(..n).unwrap_or_default()).await?;
-        if last {
-            return Ok((Burst::Drained, moved));
+            Read::Last(n) => return Ok((Burst::Drained, moved.saturating_add(n))),
+            Read::Full(n) => moved = moved.saturating_add(n),
         }
     }
 }
 
-/// The scratch buffer of a burst's first read: a TLS record fits, and so does most of a
-/// handshake flight or a small request or response.
+/// The scratch buffer of a burst's first read (and of every read of a burst with no pipe): a TLS
+/// record fits, and so does most of a handshake flight or a small request or response.
 const FIRST_READ: usize = 16 * 1024;
-
-/// The buffer of a copied burst: small, since it is the fallback when no pipe is free.
-const FALLBACK_BUF: usize = 16 * 1024;
