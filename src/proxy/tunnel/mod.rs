@@ -220,8 +220,8 @@ mod tests {
         assert_eq!(meter.bytes(), (up, down));
     }
 
-    fn pipes() -> Pipes {
-        Pipes::new(8, &crate::metrics::Metrics::new())
+    fn pipes() -> Arc<Pipes> {
+        Arc::new(Pipes::new(8, &crate::metrics::Metrics::new()))
     }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -235,47 +235,48 @@ mod tests {
         (a, b)
     }
 
-    #[tokio::test]
-    async fn splices_every_byte_both_ways_with_half_close() {
+    /// A tunnel between two TCP pairs, running as a task, and the far ends of both.
+    struct Running {
+        client_peer: TcpStream,
+        upstream_peer: TcpStream,
+        task: tokio::task::JoinHandle<End>,
+        meter: Arc<Meter>,
+    }
+
+    async fn run_tunnel(pool: Arc<Pipes>, prefix: &[u8], idle: Duration) -> Running {
         let (client_peer, client) = tcp_pair().await;
         let (upstream, upstream_peer) = tcp_pair().await;
-        let meter = Meter::new();
+        let (meter, prefix) = (Meter::new(), prefix.to_vec());
         let m = meter.clone();
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
-                .await
+        let task = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, prefix, &pool, &m, idle, CancellationToken::new()).await
         });
-        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
-        assert_eq!(t.await.unwrap(), End::Closed);
-        assert_eq!(meter.bytes(), (up, down));
+        Running { client_peer, upstream_peer, task, meter }
+    }
+
+    #[tokio::test]
+    async fn splices_every_byte_both_ways_with_half_close() {
+        let r = run_tunnel(pipes(), b"", Duration::from_secs(5)).await;
+        let (up, down) = half_close_exchange(r.client_peer, r.upstream_peer).await;
+        assert_eq!(r.task.await.unwrap(), End::Closed);
+        assert_eq!(r.meter.bytes(), (up, down));
     }
 
     #[tokio::test]
     async fn copies_through_a_small_buffer_when_the_pool_has_no_pipe() {
-        let (client_peer, client) = tcp_pair().await;
-        let (upstream, upstream_peer) = tcp_pair().await;
-        let meter = Meter::new();
-        let m = meter.clone();
-        let none = Pipes::new(0, &crate::metrics::Metrics::new());
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &none, &m, Duration::from_secs(5), CancellationToken::new()).await
-        });
-        let (up, down) = half_close_exchange(client_peer, upstream_peer).await;
-        assert_eq!(t.await.unwrap(), End::Closed);
-        assert_eq!(meter.bytes(), (up, down));
+        let none = Arc::new(Pipes::new(0, &crate::metrics::Metrics::new()));
+        let r = run_tunnel(none, b"", Duration::from_secs(5)).await;
+        let (up, down) = half_close_exchange(r.client_peer, r.upstream_peer).await;
+        assert_eq!(r.task.await.unwrap(), End::Closed);
+        assert_eq!(r.meter.bytes(), (up, down));
     }
 
     #[tokio::test]
     async fn an_idle_tunnel_holds_no_pipe() {
-        let (mut client_peer, client) = tcp_pair().await;
-        let (upstream, mut upstream_peer) = tcp_pair().await;
         let metrics = crate::metrics::Metrics::new();
         let pool = Arc::new(Pipes::new(8, &metrics));
-        let (p, meter) = (pool.clone(), Meter::new());
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &p, &meter, Duration::from_secs(30), CancellationToken::new())
-                .await
-        });
+        let Running { mut client_peer, mut upstream_peer, task: t, .. } =
+            run_tunnel(pool.clone(), b"", Duration::from_secs(30)).await;
         let mut got = vec![0u8; 100_000];
         client_peer.write_all(&vec![1u8; got.len()]).await.unwrap();
         upstream_peer.read_exact(&mut got).await.unwrap();
@@ -297,15 +298,9 @@ mod tests {
     /// every message back, through a tunnel with a pool of `max_pipes`. Returns the pipes the pool
     /// made meanwhile.
     async fn ping_pong(sizes: &[usize], rounds: usize, max_pipes: usize) -> usize {
-        let (mut client_peer, client) = tcp_pair().await;
-        let (upstream, upstream_peer) = tcp_pair().await;
-        let metrics = crate::metrics::Metrics::new();
-        let pool = Arc::new(Pipes::new(max_pipes, &metrics));
-        let (p, meter) = (pool.clone(), Meter::new());
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &p, &meter, Duration::from_secs(30), CancellationToken::new())
-                .await
-        });
+        let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
+        let Running { mut client_peer, upstream_peer, task: t, .. } =
+            run_tunnel(pool.clone(), b"", Duration::from_secs(30)).await;
         let echo = tokio::spawn(async move {
             let (mut r, mut w) = upstream_peer.into_split();
             tokio::io::copy(&mut r, &mut w).await.unwrap();
@@ -344,14 +339,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_that_stops_reading_holds_a_bounded_amount_and_is_cut_when_idle() {
-        let (mut client_peer, client) = tcp_pair().await;
-        let (upstream, _deaf) = tcp_pair().await;
-        let meter = Meter::new();
-        let (m, started) = (meter.clone(), std::time::Instant::now());
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_millis(500), CancellationToken::new())
-                .await
-        });
+        let started = std::time::Instant::now();
+        let Running { mut client_peer, upstream_peer: _deaf, task: t, meter } =
+            run_tunnel(pipes(), b"", Duration::from_millis(500)).await;
         // The client pushes until the kernel buffers on both sides and the tunnel's one pending
         // chunk are full; then its writes stop being taken.
         let chunk = vec![7u8; 64 * 1024];
@@ -378,23 +368,8 @@ mod tests {
 
     #[tokio::test]
     async fn replays_the_prefix_through_the_meter_before_the_stream() {
-        let (client_peer, client) = tcp_pair().await;
-        let (upstream, mut upstream_peer) = tcp_pair().await;
-        let meter = Meter::new();
-        let m = meter.clone();
-        let t = tokio::spawn(async move {
-            tunnel_tcp(
-                client,
-                upstream,
-                b"hello ".to_vec(),
-                &pipes(),
-                &m,
-                Duration::from_secs(5),
-                CancellationToken::new(),
-            )
-            .await
-        });
-        let mut client_peer = client_peer;
+        let Running { mut client_peer, mut upstream_peer, task: t, meter } =
+            run_tunnel(pipes(), b"hello ", Duration::from_secs(5)).await;
         client_peer.write_all(b"world").await.unwrap();
         client_peer.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -407,14 +382,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_cut_meter_ends_the_tunnel_and_writes_nothing_more() {
-        let (mut client_peer, client) = tcp_pair().await;
-        let (upstream, mut upstream_peer) = tcp_pair().await;
-        let meter = Meter::new();
-        let m = meter.clone();
-        let t = tokio::spawn(async move {
-            tunnel_tcp(client, upstream, Vec::new(), &pipes(), &m, Duration::from_secs(5), CancellationToken::new())
-                .await
-        });
+        let Running { mut client_peer, mut upstream_peer, task: t, meter } =
+            run_tunnel(pipes(), b"", Duration::from_secs(5)).await;
         client_peer.write_all(b"first").await.unwrap();
         let mut first = [0u8; 5];
         upstream_peer.read_exact(&mut first).await.unwrap();
