@@ -50,15 +50,7 @@ impl Load {
             let load = self.clone();
             set.spawn(async move { load.route.open().await });
         }
-        let mut conns = Vec::new();
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Ok(c)) => conns.push(c),
-                Ok(Err(e)) => errors.add(&e),
-                Err(e) => errors.add(&err(e.to_string())),
-            }
-        }
-        conns
+        gather(set, errors).await
     }
 }
 
@@ -333,6 +325,19 @@ pub async fn latency(load: Arc<Load>) -> Value {
     Value::Object(m)
 }
 
+/// The tunnels the tasks of `set` opened; those that failed are counted in the errors.
+async fn gather(mut set: JoinSet<io::Result<Conn>>, errors: &mut Errors) -> Vec<Conn> {
+    let mut conns = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(c)) => conns.push(c),
+            Ok(Err(e)) => errors.add(&e),
+            Err(e) => errors.add(&err(e.to_string())),
+        }
+    }
+    conns
+}
+
 /// `idle`: the proxy's resident memory before and while `conns` tunnels (each used for one GET)
 /// stay open and idle.
 pub async fn idle(load: Arc<Load>) -> Value {
@@ -359,14 +364,7 @@ pub async fn idle(load: Arc<Load>) -> Value {
             Ok(conn)
         });
     }
-    let mut open = Vec::new();
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok(Ok(c)) => open.push(c),
-            Ok(Err(e)) => errors.add(&e),
-            Err(e) => errors.add(&err(e.to_string())),
-        }
-    }
+    let open = gather(set, &mut errors).await;
     // Let the proxy settle (buffers given back, tasks parked) before reading its memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = rss_kib(pid);
