@@ -325,6 +325,20 @@ mod tests {
         assert_eq!(r, Refusal::BadRequest("request head too large"));
     }
 
+    /// A read adds at most the room left under the limit, whatever the buffer's capacity: with a
+    /// limit that is not a power of two (`max_request_head_bytes` is configurable), a head of up
+    /// to about twice the limit was once accepted (found in review).
+    #[tokio::test]
+    async fn a_head_past_a_limit_that_is_not_a_power_of_two_is_refused() {
+        let (mut client, server) = pair().await;
+        let head = format!("GET / HTTP/1.1\r\nHost: good.cdn.test\r\nX: {}\r\n\r\n", "a".repeat(12_000));
+        client.write_all(head.as_bytes()).await.unwrap();
+        let limit = 10_000;
+        let r = detect(&server, Vec::new(), &mut RequestHead, limit, WAIT, None).await;
+        let got = r.as_ref().map(|d| (d.value.len, d.prefix.len()));
+        assert!(r.is_err(), "a {}-byte head under a {limit}-byte limit: (head, prefix) {got:?}", head.len());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_meets_the_deadline() {
         let (_client, server) = pair().await;

@@ -7,10 +7,15 @@
 //! bytes than asked for has emptied the receive queue, so here the readiness is cleared with it,
 //! inside the same readiness check, as tokio's own `poll_read` does: bytes that arrive after the
 //! read raise a new readiness event (a newer tick), which this does not clear.
+//!
+//! One exception, shared with tokio: a read also stops short at TCP's urgent mark (MSG_OOB), with
+//! bytes still queued behind it. Those wait for the peer's next bytes or end of stream, or for
+//! the idle timeout; none is lost (tunnel tests `bytes_behind_an_urgent_byte_*`). Telling the
+//! two apart would cost a system call on every short read, for a TCP feature nothing on this
+//! path uses.
 
 use std::io;
 
-use rustix::buffer::spare_capacity;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -36,11 +41,19 @@ pub fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Read> {
     read_with(src, asked, || rustix::io::read(src, &mut *buf))
 }
 
-/// Reads onto the end of `buf`, at least `at_least` bytes' room reserved for it.
-pub fn read_some_into(src: &TcpStream, buf: &mut Vec<u8>, at_least: usize) -> io::Result<Read> {
-    buf.reserve(at_least.max(1));
-    let asked = buf.capacity().saturating_sub(buf.len());
-    read_with(src, asked, || rustix::io::read(src, spare_capacity(&mut *buf)))
+/// Reads at most `max` bytes (at least one) onto the end of `buf`. No more than `max`: a caller's
+/// limit on what it holds (a request head's size) is kept to the byte, whatever room the vector
+/// happens to have.
+pub fn read_some_into(src: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<Read> {
+    let (old, asked) = (buf.len(), max.max(1));
+    buf.resize(old.saturating_add(asked), 0);
+    let read = read_some(src, buf.get_mut(old..).unwrap_or_default());
+    let n = match read {
+        Ok(Read::Last(n) | Read::Full(n)) => n,
+        _ => 0,
+    };
+    buf.truncate(old.saturating_add(n));
+    read
 }
 
 fn read_with(src: &TcpStream, asked: usize, read: impl FnOnce() -> rustix::io::Result<usize>) -> io::Result<Read> {

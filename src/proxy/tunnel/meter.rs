@@ -1,8 +1,8 @@
 //! The meter of one allowed connection: every chunk it carries, each way, passes `Flow::pass`
 //! before it is written, replayed prefix bytes and forwarded bodies included. The close line reads
-//! its totals, the idle timeout reads when bytes last moved, and `pass` answers whether the chunk
-//! may go on: once the meter is cut, no further chunk is written, and a tunnel waiting for bytes
-//! is woken and ends.
+//! its totals, the idle timeout reads when bytes last moved (read, or written on: `Flow::wrote`),
+//! and `pass` answers whether the chunk may go on: once the meter is cut, no further chunk is
+//! written, and a tunnel waiting for bytes is woken and ends.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -171,9 +171,16 @@ impl Flow {
             Direction::Down => &m.down,
         };
         count.fetch_add(n, Ordering::Relaxed);
+        self.wrote();
+        ControlFlow::Continue(())
+    }
+
+    /// Says that bytes passed earlier went out (part of a write, of a pipe's worth): the tunnel
+    /// is not idle while it still delivers them, to a peer that reads slowly but steadily.
+    pub fn wrote(&self) {
+        let m = &self.meter;
         let elapsed = u64::try_from(m.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         m.last.store(elapsed, Ordering::Relaxed);
-        ControlFlow::Continue(())
     }
 
     /// The most bytes the next chunk this way may carry: what is left of the upload limit going

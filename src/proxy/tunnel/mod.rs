@@ -170,7 +170,14 @@ where
         if let ControlFlow::Break(cut) = flow.pass(n) {
             return Err(Halted::Cut(cut));
         }
-        w.write_all(buf.get(..n).unwrap_or_default()).await?;
+        let mut chunk = buf.get(..n).unwrap_or_default();
+        while !chunk.is_empty() {
+            match w.write(chunk).await? {
+                0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                m => chunk = chunk.get(m..).unwrap_or_default(),
+            }
+            flow.wrote();
+        }
     }
 }
 
@@ -395,6 +402,159 @@ mod tests {
         let read = upstream_peer.read_to_end(&mut rest).await;
         assert_eq!(read.map_err(|e| e.kind()), Ok(0), "nothing after the cut reached the upstream");
         assert_eq!(meter.bytes(), (5, 0));
+    }
+
+    /// The client sends bytes, one urgent (MSG_OOB) byte, more bytes, then its end of stream, all
+    /// before the tunnel reads. The urgent byte itself is out of band (not part of the stream),
+    /// but the bytes after it are. splice(2) from a TCP socket stops at the urgent mark and, the
+    /// FIN being in, answers 0 there: taken for the end of stream, it lost the bytes behind the
+    /// mark (found in review). Both paths, pipes and the copy fallback, carry them.
+    #[tokio::test]
+    async fn bytes_behind_an_urgent_byte_are_not_lost_when_end_of_stream_follows() {
+        let mut lost = Vec::new();
+        for max_pipes in [0, 8] {
+            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
+            let Running { client_peer, mut upstream_peer, task: t, .. } =
+                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+            // Written before the tunnel task first runs (this test's runtime has one thread).
+            let s = socket2::SockRef::from(&client_peer);
+            // More than the scratch buffer: the first read is full, the rest goes to a pipe.
+            let head = vec![b'a'; 20_000];
+            assert_eq!(s.send(&head).unwrap(), head.len());
+            assert_eq!(s.send_out_of_band(b"X").unwrap(), 1);
+            assert_eq!(s.send(b"tail").unwrap(), 4);
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), upstream_peer.read_to_end(&mut got))
+                .await
+                .expect("the upstream sees an end of stream")
+                .unwrap();
+            if !got.ends_with(b"tail") {
+                lost.push((max_pipes, got.len()));
+            }
+            drop(upstream_peer);
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        assert!(lost.is_empty(), "(max_pipes, bytes the upstream got of 20004): {lost:?}");
+    }
+
+    /// Guard: `max_upload_bytes` lands on the byte on both paths, the pool's pipes and the copy
+    /// fallback (the integration test covers only a pool with pipes), at a limit that is neither a
+    /// multiple of the scratch buffer nor of a pipe.
+    #[tokio::test]
+    async fn the_upload_limit_lands_on_the_byte_through_pipes_and_through_the_copy_fallback() {
+        for max_pipes in [0, 8] {
+            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
+            let Running { mut client_peer, mut upstream_peer, task: t, meter } =
+                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+            // Before the tunnel task first runs.
+            const LIMIT: u64 = 100_001;
+            meter.limit_up(meter::UpLimits { max: Some(LIMIT), budget: None });
+            let writer = tokio::spawn(async move {
+                let chunk = vec![0x42u8; 7_000];
+                for _ in 0..300 {
+                    if client_peer.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), upstream_peer.read_to_end(&mut got)).await;
+            assert!(read.is_ok(), "max_pipes {max_pipes}: the tunnel is closed at the limit");
+            assert_eq!(got.len() as u64, LIMIT, "max_pipes {max_pipes}: exactly the limit went up");
+            assert_eq!(t.await.unwrap(), End::Cut);
+            assert!(meter.over_limit());
+            assert_eq!(meter.bytes().0, LIMIT);
+            writer.abort();
+        }
+    }
+
+    /// Bulk bytes, an urgent byte, more bytes, and no end of stream: splice(2) stops at the mark
+    /// and answers EAGAIN there, which a read steps over. The bytes behind the mark go on once
+    /// the client sends again, on both paths. (Not before: a read that stops at the mark looks
+    /// like one that drained the socket, here as in tokio's own reads; see `read.rs`.)
+    #[tokio::test]
+    async fn bytes_behind_an_urgent_byte_go_on_when_the_client_sends_again() {
+        for max_pipes in [0, 8] {
+            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
+            let Running { client_peer, mut upstream_peer, task: t, .. } =
+                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+            let s = socket2::SockRef::from(&client_peer);
+            let head = vec![b'a'; 20_000];
+            assert_eq!(s.send(&head).unwrap(), head.len());
+            assert_eq!(s.send_out_of_band(b"X").unwrap(), 1);
+            assert_eq!(s.send(b"tail").unwrap(), 4);
+            let mut got = vec![0u8; 20_000];
+            upstream_peer.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(s.send(b"more").unwrap(), 4);
+            let mut rest = [0u8; 8];
+            let read = tokio::time::timeout(Duration::from_secs(2), upstream_peer.read_exact(&mut rest)).await;
+            assert!(read.is_ok(), "max_pipes {max_pipes}: the upstream got {:?}", String::from_utf8_lossy(&rest));
+            assert_eq!(&rest, b"tailmore", "max_pipes {max_pipes}");
+            t.abort();
+        }
+    }
+
+    /// A client that reads slowly but steadily (64 KiB every 50 ms, small socket buffers) takes
+    /// longer than `idle` to empty a pipe's worth (1 MiB), so the tunnel writes for longer than
+    /// that without reading: its writes move bytes, so it is not idle. (The watchdog once counted
+    /// only reads, and cut it; found in review.)
+    #[tokio::test]
+    async fn a_slow_but_steady_reader_is_not_cut_as_idle() {
+        let idle = Duration::from_millis(600);
+        let (mut client_peer, client) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        // The kernel's queues small beside the pipe, so that the pipe is what drains slowly.
+        socket2::SockRef::from(&client).set_send_buffer_size(32 * 1024).unwrap();
+        socket2::SockRef::from(&client_peer).set_recv_buffer_size(32 * 1024).unwrap();
+        let (pool, meter) = (pipes(), Meter::new());
+        let t = tokio::spawn(async move {
+            tunnel_tcp(client, upstream, Vec::new(), &pool, &meter, idle, CancellationToken::new()).await
+        });
+        let writer = tokio::spawn(async move {
+            let chunk = vec![9u8; 64 * 1024];
+            for _ in 0..128 {
+                if upstream_peer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let (mut got, mut buf) = (0usize, vec![0u8; 64 * 1024]);
+        while started.elapsed() < Duration::from_millis(3000) && !t.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(100), client_peer.read(&mut buf)).await {
+                got += n;
+            }
+        }
+        let finished = t.is_finished();
+        let end = if finished { Some(t.await.unwrap()) } else { None };
+        writer.abort();
+        assert!(!finished, "ended {end:?} after {:?}, the client having read {got} bytes", started.elapsed());
+        assert!(got > 1024 * 1024, "the client read more than a pipe's worth: {got} bytes");
+    }
+
+    /// Guard: a tunnel cut while its pipe holds bytes for a peer that stopped reading closes that
+    /// pipe; every pipe left in the pool is empty, so no tunnel's bytes reach the next one.
+    #[tokio::test]
+    async fn a_pipe_holding_bytes_at_the_cut_is_not_pooled() {
+        let pool = pipes();
+        let Running { mut client_peer, upstream_peer: _deaf, task: t, .. } =
+            run_tunnel(pool.clone(), b"", Duration::from_millis(300)).await;
+        let chunk = vec![7u8; 64 * 1024];
+        let (mut pushed, mut peak) = (0usize, 0usize);
+        while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), client_peer.write_all(&chunk)).await {
+            pushed += chunk.len();
+            peak = peak.max(pool.made());
+            assert!(pushed < 64 * 1024 * 1024, "a deaf upstream must stop the client's writes");
+        }
+        assert_eq!(peak, 1, "the bulk bytes went through a pipe");
+        let end = tokio::time::timeout(Duration::from_secs(5), t).await.expect("cut when idle").unwrap();
+        assert_eq!(end, End::Idle);
+        let free = pool.free();
+        assert_eq!((pool.made(), free), (0, 0), "the pipe that held the deaf upstream's bytes was closed");
     }
 
     #[tokio::test]

@@ -29,14 +29,18 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes, flo
     // Whether the last burst was bulk (it filled the scratch buffer): the next one then goes
     // straight to a pipe, so that a long transfer is not copied a scratch buffer at a time.
     let mut bulk = false;
+    // Whether to read at once, without waiting for readiness: after a splice that moved nothing.
+    let mut read_now = false;
     loop {
-        src.readable().await?;
+        if !std::mem::take(&mut read_now) {
+            src.readable().await?;
+        }
         let first = !bulk;
         if first {
             let (read, rest) = copy_once(src, dst, flow)?;
             if !rest.is_empty() {
                 // `dst` did not take it all at once: rare, so the wait is boxed (see below).
-                Box::pin(write_all(dst, &rest)).await?;
+                Box::pin(write_all(dst, &rest, flow)).await?;
             }
             match read {
                 Read::Full(_) => {}
@@ -51,10 +55,16 @@ pub async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes, flo
             Some(lease) => Box::pin(splice_burst(src, dst, &lease, flow)).await?,
             None => Box::pin(copy_burst(src, dst, flow)).await?,
         };
-        // A burst that filled the scratch buffer was bulk, whatever the pipe moved after it.
-        bulk = first || moved >= FIRST_READ;
-        if let Burst::End = burst {
-            return Ok(shutdown(dst)?);
+        match burst {
+            Burst::End => return Ok(shutdown(dst)?),
+            // A burst that filled the scratch buffer was bulk, whatever the pipe moved after it.
+            Burst::Drained => bulk = first || moved >= FIRST_READ,
+            // splice(2) stops at TCP's urgent mark (MSG_OOB), and answers 0 there once the
+            // peer's FIN is in, or EAGAIN before: taken at its word, bytes behind the mark would
+            // be lost, or stranded for good. A read steps over the mark, so the next burst
+            // starts with one, at once: it finds bytes, the end of stream, or nothing (a stale
+            // readiness, its only cost).
+            Burst::Stuck => (bulk, read_now) = (false, true),
         }
     }
 }
@@ -70,6 +80,10 @@ enum Burst {
     Drained,
     /// The source reached end of stream.
     End,
+    /// A splice found nothing: at the end of stream, or at the urgent mark (0), or at once with a
+    /// stale readiness or the urgent mark (EAGAIN), which only a read tells apart
+    /// (`splice_one_way`).
+    Stuck,
 }
 
 thread_local! {
@@ -105,12 +119,15 @@ fn copy_once(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(Read, Vec
 }
 
 /// Writes all of `chunk` to `dst`, waiting for it to take each part.
-async fn write_all(dst: &TcpStream, mut chunk: &[u8]) -> Result<(), Halted> {
+async fn write_all(dst: &TcpStream, mut chunk: &[u8], flow: &Flow) -> Result<(), Halted> {
     while !chunk.is_empty() {
         dst.writable().await?;
         match dst.try_write(chunk) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-            Ok(m) => chunk = chunk.get(m..).unwrap_or_default(),
+            Ok(m) => {
+                flow.wrote();
+                chunk = chunk.get(m..).unwrap_or_default();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e.into()),
         }
@@ -135,8 +152,9 @@ async fn splice_burst(
     loop {
         let len = capacity.min(flow.allowance());
         let n = match src.try_io(Interest::READABLE, || Ok(splice(src, None, pipe_in, None, len, flags)?)) {
-            Ok(0) => return Ok((Burst::End, moved)),
+            Ok(0) => return Ok((Burst::Stuck, moved)),
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved == 0 => return Ok((Burst::Stuck, 0)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Burst::Drained, moved)),
             Err(e) => return Err(e.into()),
         };
@@ -149,7 +167,10 @@ async fn splice_burst(
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || Ok(splice(pipe_out, None, dst, None, lease.held(), flags)?)) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(m) => lease.set_held(lease.held().saturating_sub(m)),
+                Ok(m) => {
+                    lease.set_held(lease.held().saturating_sub(m));
+                    flow.wrote();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -163,7 +184,7 @@ async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow) -> Result<(Bu
     let mut moved = 0usize;
     loop {
         let (read, rest) = copy_once(src, dst, flow)?;
-        write_all(dst, &rest).await?;
+        write_all(dst, &rest, flow).await?;
         match read {
             Read::End => return Ok((Burst::End, moved)),
             Read::Nothing => return Ok((Burst::Drained, moved)),
