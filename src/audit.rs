@@ -360,6 +360,8 @@ mod tests {
         }
     }
 
+    impl writer::TestSink for Gate {}
+
     fn gated(on_stall: OnStall) -> (Arc<Audit>, Gate, Metrics) {
         let (gate, metrics) = (Gate::default(), Metrics::new());
         let queue = writer::Queue::to(Box::new(gate.clone()), metrics.clone()).unwrap();

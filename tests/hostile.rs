@@ -955,3 +955,19 @@ async fn client_hellos_on_the_tls_listener_are_replayed_whole_or_reset_before_an
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(origin.accepted(), allowed);
 }
+
+/// A method is a token the client chooses, up to its request head's size: the audit line shows
+/// at most 32 bytes of it, as it shows at most 300 of a host, so that one request cannot make a
+/// 30 KiB audit line, nor 4,096 queued lines 128 MiB. (Found in review.)
+#[tokio::test]
+async fn a_long_extension_method_is_cut_in_the_audit_line() {
+    let proxy = TestProxy::start("").await;
+    let method = "X".repeat(30 * 1024);
+    let req = format!("{method} http://evil.example.com/ HTTP/1.1\r\nHost: evil.example.com\r\n\r\n");
+    let (resp, _) = raw_exchange(proxy.addr, req.as_bytes(), WAIT).await;
+    assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 403"), "{}", String::from_utf8_lossy(&resp));
+    let lines = proxy.audit();
+    let line = lines.iter().find(|l| l["event"] == "decision").expect("a decision line");
+    assert_eq!(line["method"], "X".repeat(32));
+    assert_eq!(line["decision"], "deny");
+}

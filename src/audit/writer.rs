@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -73,6 +74,9 @@ struct Writer {
     batch: Vec<u8>,
     /// How many lines `batch` holds.
     batched: u64,
+    /// The sink holds the start of a line cut short, which could not be taken back: the next
+    /// write begins with a newline, so that it ends the fragment and starts on a line of its own.
+    torn: bool,
     shared: Arc<Shared>,
 }
 
@@ -91,7 +95,16 @@ enum Sink {
         path: PathBuf,
     },
     #[cfg(test)]
-    Other(Box<dyn Write + Send>),
+    Other(Box<dyn TestSink>),
+}
+
+/// A sink in tests: any writer, which may say that it can take back its last bytes, as a file
+/// can (`Sink::take_back`).
+#[cfg(test)]
+pub trait TestSink: Write + Send {
+    fn take_back(&mut self, _n: usize) -> bool {
+        false
+    }
 }
 
 /// How often, at most, lost lines are reported on stderr.
@@ -126,7 +139,7 @@ impl Queue {
 
     /// A queue whose writer writes to `w` (tests: a sink that stalls on demand).
     #[cfg(test)]
-    pub fn to(w: Box<dyn Write + Send>, metrics: Metrics) -> io::Result<Self> {
+    pub fn to(w: Box<dyn TestSink>, metrics: Metrics) -> io::Result<Self> {
         Self::start(Writer::new(Sink::Other(w), GENESIS, Shared::new(metrics)), true)
     }
 
@@ -238,7 +251,7 @@ impl Shared {
 
 impl Writer {
     fn new(sink: Sink, prev: LineHash, shared: Arc<Shared>) -> Self {
-        Self { sink, prev, written: prev, batch: Vec::new(), batched: 0, shared }
+        Self { sink, prev, written: prev, batch: Vec::new(), batched: 0, torn: false, shared }
     }
 
     fn run(mut self, rx: Receiver<Msg>, chain_start: bool) {
@@ -345,30 +358,102 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the batch in one write. Not written, its lines are lost (the error says how many)
-    /// and the chain goes back to the last line written, so that the next line links to it.
+    /// Writes the batch, in one write when the sink takes it all. The lines the sink took whole
+    /// are written, and the chain goes on from the last of them; the others are lost (the error
+    /// says how many), and the next line links to that last one. A line cut short (a disk that
+    /// fills up during the write) is taken back off a file, so that the log stays whole lines
+    /// that verify; where it cannot be, the next write ends it with a newline first.
     fn write_batch(&mut self) -> Result<(), (u64, io::Error)> {
-        let done = match &mut self.sink {
-            Sink::Stdout(out) => out.write_all(&self.batch).and_then(|()| out.flush()),
-            Sink::File { file, .. } => file.write_all(&self.batch),
-            #[cfg(test)]
-            Sink::Other(w) => w.write_all(&self.batch).and_then(|()| w.flush()),
-        };
+        let mut took = 0;
+        let done = self.end_torn().and_then(|()| self.sink.put(&self.batch, &mut took));
         let lines = std::mem::take(&mut self.batched);
-        self.batch.clear();
-        if self.batch.capacity() > BATCH_BYTES {
-            self.batch = Vec::new();
-        }
-        match done {
+        let result = match done {
             Ok(()) => {
                 self.written = self.prev;
                 self.shared.metrics.audit_lines.inc_by(lines);
                 Ok(())
             }
             Err(e) => {
+                let taken = self.batch.get(..took).unwrap_or_default();
+                let whole = taken.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                let lines_taken = chain_lines(taken.get(..whole).unwrap_or_default(), &mut self.written);
+                self.shared.metrics.audit_lines.inc_by(lines_taken);
+                let fragment = took - whole;
+                if fragment > 0 && !self.sink.take_back(fragment) {
+                    self.torn = true;
+                }
                 self.prev = self.written;
-                Err((lines, e))
+                Err((lines.saturating_sub(lines_taken), e))
             }
+        };
+        self.batch.clear();
+        if self.batch.capacity() > BATCH_BYTES {
+            self.batch = Vec::new();
+        }
+        result
+    }
+
+    /// Ends a fragment left by a write cut short (`torn`) with a newline.
+    fn end_torn(&mut self) -> io::Result<()> {
+        if self.torn {
+            self.sink.put(b"\n", &mut 0)?;
+            self.torn = false;
+        }
+        Ok(())
+    }
+}
+
+/// Counts the whole lines in `lines` (each ending with a newline), and sets `last` to the hash of
+/// the last one, if any: what the next line links to.
+fn chain_lines(lines: &[u8], last: &mut LineHash) -> u64 {
+    let mut count = 0;
+    if let Some(line) = lines.strip_suffix(b"\n") {
+        let start = line.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        *last = chain::digest(line.get(start..).unwrap_or_default());
+        count = lines.iter().filter(|&&b| b == b'\n').count();
+    }
+    u64::try_from(count).unwrap_or(u64::MAX)
+}
+
+// === impl Sink ===
+
+impl Sink {
+    /// Writes all of `bytes`, counting in `took` what the sink took, also when it fails partway.
+    /// Standard output is written to its descriptor, past std's buffer, so that the count is
+    /// what reached it.
+    fn put(&mut self, bytes: &[u8], took: &mut usize) -> io::Result<()> {
+        while let Some(rest) = bytes.get(*took..).filter(|r| !r.is_empty()) {
+            let wrote = match self {
+                Self::Stdout(out) => rustix::io::write(out.as_fd(), rest).map_err(io::Error::from),
+                Self::File { file, .. } => file.write(rest),
+                #[cfg(test)]
+                Self::Other(w) => w.write(rest),
+            };
+            match wrote {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => *took += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self {
+            #[cfg(test)]
+            Self::Other(w) => w.flush(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes the last `n` bytes written back off the sink, if it can: a file is cut to its length
+    /// before them (lines are written by this thread only).
+    fn take_back(&mut self, n: usize) -> bool {
+        match self {
+            Self::Stdout(_) => false,
+            Self::File { file, .. } => {
+                let n = u64::try_from(n).unwrap_or(u64::MAX);
+                file.metadata().and_then(|m| file.set_len(m.len().saturating_sub(n))).is_ok()
+            }
+            #[cfg(test)]
+            Self::Other(w) => w.take_back(n),
         }
     }
 }
@@ -465,6 +550,8 @@ mod tests {
         }
     }
 
+    impl TestSink for Flaky {}
+
     fn line(id: u32) -> Vec<u8> {
         format!(r#"{{"event":"decision","id":{id}}}"#).into_bytes()
     }
@@ -498,6 +585,188 @@ mod tests {
             lines.iter().all(|l| check.check(l.as_bytes()).is_ok()),
             "line 5 links to line 2, the last written: {raw}"
         );
+    }
+
+    /// A sink that takes `room` more bytes (a short write when a write asks for more), then
+    /// fails one write with ENOSPC, then takes everything again: a disk that fills up during a
+    /// batch and is cleaned up afterwards. Keeps what it took, and the size of every write asked;
+    /// takes back its last bytes if `file` (as a file can), not otherwise (as a pipe cannot).
+    #[derive(Clone, Default)]
+    struct Filling(Arc<std::sync::Mutex<FillingState>>);
+
+    #[derive(Default)]
+    struct FillingState {
+        bytes: Vec<u8>,
+        room: Option<usize>,
+        asked: Vec<usize>,
+        file: bool,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut g = self.0.lock().unwrap();
+            g.asked.push(buf.len());
+            let n = match g.room {
+                Some(0) => {
+                    g.room = None;
+                    return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+                }
+                Some(room) => {
+                    let n = room.min(buf.len());
+                    g.room = Some(room - n);
+                    n
+                }
+                None => buf.len(),
+            };
+            g.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl TestSink for Filling {
+        fn take_back(&mut self, n: usize) -> bool {
+            let mut g = self.0.lock().unwrap();
+            let keep = g.bytes.len() - n;
+            g.file && {
+                g.bytes.truncate(keep);
+                true
+            }
+        }
+    }
+
+    /// The promise: every line is in the log or counted lost, and the log verifies. A batch that
+    /// the disk cuts short (some bytes taken, then ENOSPC) leaves whole lines that verify, counts
+    /// as written the lines it wrote whole, and the next line links to the last of them. Where
+    /// the cut line cannot be taken back (a pipe), it is ended on a line of its own, and the lines
+    /// around it still link. (Found in review: the whole batch was counted lost, and the next
+    /// batch went on after the fragment, linked to the line before the batch.)
+    #[test]
+    fn a_batch_cut_short_by_a_full_disk_leaves_whole_lines_that_verify_and_counts_right() {
+        let line_len = |w: &mut Writer, id| {
+            // The length of line `id` as it would be written now (with its prev and newline).
+            let before = (w.batch.len(), w.batched, w.prev);
+            w.append(line(id)).unwrap();
+            let len = w.batch.len() - before.0;
+            w.batch.truncate(before.0);
+            w.batched = before.1;
+            w.prev = before.2;
+            len
+        };
+        for (extra, file) in [(10usize, true), (0, true), (10, false), (0, false)] {
+            let case = format!("{extra} bytes of line 4, file {file}");
+            let (sink, metrics) = (Filling::default(), Metrics::new());
+            sink.0.lock().unwrap().file = file;
+            let mut w = Writer::new(Sink::Other(Box::new(sink.clone())), GENESIS, Shared::new(metrics.clone()));
+            w.write_chain_start();
+            w.add(line(1));
+            w.add(line(2));
+            w.write();
+            // The disk has room for line 3 and `extra` bytes of line 4; then it is full.
+            let room = line_len(&mut w, 3) + extra;
+            sink.0.lock().unwrap().room = Some(room);
+            for id in 3..6 {
+                w.add(line(id));
+            }
+            w.write();
+            // Space is freed; the proxy goes on.
+            w.add(line(6));
+            w.write();
+
+            let raw = String::from_utf8(sink.0.lock().unwrap().bytes.clone()).unwrap();
+            let lines: Vec<&str> = raw.lines().collect();
+            let fragment = extra > 0 && !file;
+            // Where the fragment stays, it is a line of its own, between line 3 and line 6.
+            let whole: Vec<&str> = if fragment {
+                assert_eq!(lines.len(), 6, "{case}: {raw}");
+                assert!(serde_json::from_str::<serde_json::Value>(lines[4]).is_err(), "{case}: {raw}");
+                lines.iter().enumerate().filter(|&(i, _)| i != 4).map(|(_, l)| *l).collect()
+            } else {
+                lines.clone()
+            };
+            let mut check = chain::ChainCheck::new();
+            for (n, l) in whole.iter().enumerate() {
+                assert_eq!(check.check(l.as_bytes()), Ok(()), "{case}: line {} of {raw}", n + 1);
+            }
+            let ids: Vec<String> = whole
+                .iter()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|v| v.get("id").map_or_else(|| "chain_start".into(), ToString::to_string))
+                .collect();
+            assert_eq!(ids, ["chain_start", "1", "2", "3", "6"], "{case}: {raw}");
+            assert_eq!(metrics.audit_lines.get(), 5, "{case}: the lines written whole");
+            assert_eq!(metrics.audit_lost.get(), 2, "{case}: lines 4 and 5");
+        }
+    }
+
+    /// A file takes back a line cut short: the length goes back to before it, and what is
+    /// appended next starts there.
+    #[test]
+    fn a_file_takes_back_the_bytes_of_a_line_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"whole\ncut sh").unwrap();
+        let file = OpenOptions::new().read(true).append(true).open(&path).unwrap();
+        let mut sink = Sink::File { file, path: path.clone() };
+        assert!(sink.take_back(6));
+        sink.put(b"next\n", &mut 0).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole\nnext\n");
+    }
+
+    /// A flood of lines with no pause is written in pieces of about BATCH_BYTES: the batch never
+    /// holds much more, and does not keep a big buffer afterwards.
+    #[test]
+    fn a_flood_is_written_in_batches_of_at_most_batch_bytes() {
+        let (sink, metrics) = (Filling::default(), Metrics::new());
+        let mut w = Writer::new(Sink::Other(Box::new(sink.clone())), GENESIS, Shared::new(metrics.clone()));
+        let n = 3 * BATCH_BYTES / line(0).len();
+        for id in 0..n {
+            w.add(line(u32::try_from(id).unwrap()));
+            assert!(w.batch.len() < BATCH_BYTES, "written once it reaches BATCH_BYTES");
+        }
+        w.write();
+        let asked = sink.0.lock().unwrap().asked.clone();
+        assert!(asked.len() >= 3, "{asked:?}");
+        assert!(asked.iter().all(|&a| a < BATCH_BYTES + 200), "{asked:?}");
+        assert!(w.batch.capacity() <= BATCH_BYTES, "a big batch's buffer is let go");
+        assert_eq!(metrics.audit_lines.get(), n as u64);
+    }
+
+    /// A steady trickle keeps the writer napping, never parked; each line still goes out within
+    /// about a nap, not when the trickle stops.
+    #[test]
+    fn a_steady_trickle_does_not_hold_lines_back() {
+        let (sink, metrics) = (Flaky::default(), Metrics::new());
+        let q = Arc::new(Queue::to(Box::new(sink.clone()), metrics).unwrap());
+        let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let trickle = {
+            let (q, stop, sent) = (Arc::clone(&q), Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let mut id = 0;
+                while !stop.load(Ordering::Acquire) {
+                    q.line(line(id));
+                    sent.store(u64::from(id), Ordering::Release);
+                    id += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(30));
+            let k = sent.load(Ordering::Acquire);
+            let want = format!(r#""id":{k},"#);
+            let start = Instant::now();
+            while !String::from_utf8_lossy(&sink.0.lock().unwrap().0).contains(&want) {
+                assert!(start.elapsed() < Duration::from_secs(2), "line {k} held back while the trickle goes on");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        stop.store(true, Ordering::Release);
+        trickle.join().unwrap();
+        assert!(q.flush(Duration::from_secs(10)));
     }
 
     #[test]
