@@ -142,3 +142,81 @@ async fn a_client_past_its_upload_budget_is_refused_under_the_rule_and_another_c
     let refusal = lines.iter().find(|l| l["decision"] == "deny").expect("the refusal is audited");
     assert_eq!((refusal["reason"].as_str(), refusal["rule"].as_str()), (Some("upload_budget"), Some("upload")));
 }
+
+/// A forwarded request's head carries bytes up as its body does (a URL, a header field): it
+/// counts against `max_upload_bytes`. A GET with 30 KB in its target and a header field, under a
+/// rule limited to 100 bytes, is refused as `upload_limit`, and the origin gets nothing. (Found in
+/// review: only bodies were counted.)
+#[tokio::test]
+async fn a_forwarded_request_head_counts_against_max_upload_bytes() {
+    let origin = support::origins::HostOrigin::start().await;
+    let p = origin.addr.port();
+    let proxy = TestProxy::start(&rules(p, "max_upload_bytes = 100")).await;
+    let data = "A".repeat(15_000);
+    let req = format!(
+        "GET http://up.test:{p}/?d={data} HTTP/1.1\r\nHost: up.test:{p}\r\nX-Data: {data}\r\nConnection: close\r\n\r\n"
+    );
+    let (resp, _) = raw_exchange(proxy.addr, req.as_bytes(), WAIT).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(!resp.starts_with("HTTP/1.1 200"), "{}", resp.lines().next().unwrap_or(""));
+    let lines = proxy.audit_at_least(3).await;
+    let close = with_event(&lines, "close");
+    assert_eq!(close.len(), 1, "{lines:?}");
+    assert_eq!(close[0]["reason"], "upload_limit");
+    assert_eq!(with_event(&lines, "limit").len(), 1, "{lines:?}");
+    assert!(origin.hosts().is_empty(), "the origin was asked: {:?}", origin.hosts());
+
+    // A small request under the same rule goes through, and its head is what its close line
+    // counts up.
+    let small = format!("GET http://up.test:{p}/ HTTP/1.1\r\nHost: up.test:{p}\r\nConnection: close\r\n\r\n");
+    let (resp, _) = raw_exchange(proxy.addr, small.as_bytes(), WAIT).await;
+    assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 200"));
+    let lines = proxy.audit_at_least(5).await;
+    let close = with_event(&lines, "close");
+    let up = close.last().unwrap()["bytes_up"].as_u64().unwrap();
+    assert!((30..=100).contains(&up), "the small request's head: {up} bytes up");
+}
+
+/// Heads count against `upload_budget` too: requests on one kept-alive connection, each with
+/// 30 KB in its target and a header field, are refused once the client is past a budget of
+/// 1,000 bytes an hour, and the crossing is audited.
+#[tokio::test]
+async fn forwarded_request_heads_count_against_the_upload_budget() {
+    let origin = support::origins::HostOrigin::start().await;
+    let p = origin.addr.port();
+    let proxy = TestProxy::start(&rules(p, "upload_budget = { bytes = 1000, per = \"1h\" }")).await;
+    let data = "B".repeat(15_000);
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut served = 0;
+    for i in 0..20 {
+        let req =
+            format!("GET http://up.test:{p}/{i}?d={data} HTTP/1.1\r\nHost: up.test:{p}\r\nX-Data: {data}\r\n\r\n");
+        if c.write_all(req.as_bytes()).await.is_err() {
+            break;
+        }
+        // The answer is `served up.test:PORT` with its Content-Length: read it whole.
+        let want = format!("served up.test:{p}");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(want.as_bytes()) {
+            match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+            if got.starts_with(b"HTTP/1.1 4") && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        if !got.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        served += 1;
+    }
+    drop(c);
+    assert!(served <= 1, "{served} requests of 30 KB each went up under a 1,000-byte budget");
+    let lines = proxy.audit_at_least(3).await;
+    assert!(
+        with_event(&lines, "limit").iter().any(|l| l["reason"] == "upload_budget"),
+        "the crossing is audited: {lines:?}"
+    );
+}

@@ -220,8 +220,11 @@ async fn plain_http_is_forwarded_both_ways_without_hop_by_hop_headers() {
     }
     drop(client);
     let lines = proxy.audit_at_least(4).await;
-    let post_close =
-        lines.iter().find(|l| l["event"] == "close" && l["bytes_up"].as_u64() == Some(upload.len() as u64));
+    // Up: the body and the head the origin got (its request line and header fields).
+    let up = upload.len() as u64;
+    let post_close = lines
+        .iter()
+        .find(|l| l["event"] == "close" && l["bytes_up"].as_u64().is_some_and(|b| (up + 50..up + 1024).contains(&b)));
     assert!(post_close.is_some(), "{lines:#?}");
     assert_eq!(decisions(&lines)[1]["method"], "POST");
 }
@@ -688,6 +691,63 @@ async fn a_second_hello_after_a_retry_request_must_name_the_same_server() {
             );
         }
     }
+}
+
+/// A second hello smuggled in the first flight (found in review): the client sends its hello for
+/// the allowed name and, in the same write, the first record of a second hello naming another
+/// server, its last extension (GREASE) left open. After the retry request it sends one record
+/// that is, on its own, a whole hello for the allowed name, and to the server the rest of that
+/// open extension. The proxy sent the first flight's extra bytes on unchecked and checked only the
+/// last record; now only the first hello's records go before the retry request, and the second
+/// hello is read from where the server would read it.
+#[tokio::test]
+async fn a_second_hello_pipelined_with_the_first_is_read_as_the_server_reads_it() {
+    let first = client_hello("ml.azure.com", &[]);
+    let decoy = client_hello("ml.azure.com", &[]);
+    let decoy_msg = &decoy[5..];
+    let (_, sni) = sni_ext(&[b"evil.example.com"]);
+    let mut exts = Vec::new();
+    exts.extend_from_slice(&0u16.to_be_bytes());
+    exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&sni);
+    exts.extend_from_slice(&0x7a7au16.to_be_bytes());
+    exts.extend_from_slice(&(decoy_msg.len() as u16).to_be_bytes());
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[0x22; 32]);
+    body.extend_from_slice(&[0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    body.extend_from_slice(&((exts.len() + decoy_msg.len()) as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&((body.len() + decoy_msg.len()) as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut pipelined = vec![0x16, 0x03, 0x03];
+    pipelined.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    pipelined.extend_from_slice(&hs);
+    // The same bytes read two ways: the decoy alone names the allowed server, the server's
+    // reading of the whole second flight names the other.
+    let sni_of = |b: &[u8]| match egress_proxy::tls::parse(b) {
+        Ok(egress_proxy::tls::Parsed::Hello(h)) => h.sni.map(|n| n.to_string()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(sni_of(&decoy).as_deref(), Some("ml.azure.com"));
+    assert_eq!(sni_of(&[&pipelined[..], &decoy].concat()).as_deref(), Some("evil.example.com"));
+
+    let (upstream, got) = retrying_upstream().await;
+    let proxy = TestProxy::start(&rules_for(upstream, "")).await;
+    let mut s = connect_tunnel(proxy.addr, "ml.azure.com", upstream.port()).await;
+    s.write_all(&[&first[..], &pipelined].concat()).await.unwrap();
+    let hrr = hello_retry_request();
+    let mut back = vec![0u8; hrr.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, hrr, "the retry request reaches the client");
+    s.write_all(&decoy).await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert_eq!(ended.expect("the tunnel is closed").map_err(|e| e.kind()), Ok(0));
+    let got = got.await.unwrap();
+    assert!(!got.windows(16).any(|w| w == b"evil.example.com"), "the other name reached the server: {got:?}");
+    let lines = proxy.audit_at_least(2).await;
+    assert_eq!((lines[1]["event"].as_str(), lines[1]["reason"].as_str()), (Some("close"), Some("sni_mismatch")));
 }
 
 #[tokio::test]

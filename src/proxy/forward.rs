@@ -90,6 +90,12 @@ async fn exchange(
     meter: &Arc<Meter>,
 ) -> Result<Response<Incoming>, Refusal> {
     let idle = cx.state.limits.idle_timeout;
+    // The head carries bytes up as the body does (a URL, a header field): it passes the meter
+    // first, so that `max_upload_bytes` and `upload_budget` count it. Over the limit, nothing is
+    // sent, and `forward` refuses it as `upload_limit`.
+    if meter.flow(Direction::Up).pass(head_len(&req)).is_break() {
+        return Err(Refusal::Policy { reason: DenyReason::UploadLimit, rule: None });
+    }
     let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle, None).boxed());
     let (mut sender, conn_task) =
         hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
@@ -104,6 +110,15 @@ async fn exchange(
         .await
         .map_err(|_| Refusal::UpstreamTimeout)?
         .map_err(|_| Refusal::UpstreamProtocol)
+}
+
+/// The size of `req`'s head as it goes upstream in origin form: request line, header fields,
+/// blank line.
+fn head_len<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let fields: usize =
+        req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len()).sum();
+    req.method().as_str().len() + " ".len() + target + " HTTP/1.1\r\n".len() + fields + "\r\n".len()
 }
 
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including those the

@@ -69,12 +69,17 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     }
     let target = req.path.unwrap_or_default();
     let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
-    let host_header = hosts.next().map(|h| std::str::from_utf8(h.value).map_err(|_| HeadError::MalformedHost));
+    // A Host value is ASCII, and only HTTP's own whitespace (SP, HTAB) is trimmed off it: a value
+    // that hyper's forward could not take as it is (a Unicode space) must not be decided at all.
+    let host_header = hosts.next().map(|h| match std::str::from_utf8(h.value) {
+        Ok(v) if v.is_ascii() => Ok(v),
+        _ => Err(HeadError::MalformedHost),
+    });
     if hosts.next().is_some() {
         return Err(HeadError::DuplicateHost);
     }
     check_framing(req.headers)?;
-    let from_header = host_header.transpose()?.map(|v| host_port(v.trim())).transpose()?;
+    let from_header = host_header.transpose()?.map(|v| host_port(v.trim_matches([' ', '\t']))).transpose()?;
     let dest = match target_dest(target)? {
         Some(from_target) => {
             if from_header.as_ref().is_some_and(|h| *h != from_target) {
@@ -181,6 +186,17 @@ mod tests {
             Err(HeadError::BareLf),
             "refused before the head ends"
         );
+    }
+
+    /// Only SP and HTAB are trimmed off a Host value, and a value that is not ASCII is malformed:
+    /// `str::trim` once took a trailing no-break space off, so the name decided was not the Host
+    /// that forwarding could send (found in review).
+    #[test]
+    fn a_host_with_unicode_whitespace_is_malformed() {
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: good.cdn.test\xC2\xA0\r\n\r\n"), Err(HeadError::MalformedHost));
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: \xC2\xA0good.cdn.test\r\n\r\n"), Err(HeadError::MalformedHost));
+        let h = parse(b"GET / HTTP/1.1\r\nHost: \t good.cdn.test \t\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.dest, dest("good.cdn.test", 80));
     }
 
     #[test]

@@ -80,8 +80,15 @@ pub async fn follow_retry(
     wait: Duration,
 ) -> Result<(), Refusal> {
     let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
-    send(upstream, prefix, &up, wait).await?;
-    let server = server_first(client, upstream, wait).await?;
+    // Only the first hello's own records go now. Bytes read with it are the client's next: held
+    // back with what it sends while the server is awaited, and checked as a second hello if the
+    // server asks for one. (Sent on unchecked, a start of a second hello could have named another
+    // server once the client finished it with a record that passes on its own.)
+    let hello_len =
+        tls::hello_records_len(prefix).ok_or(Refusal::Policy { reason: DenyReason::InvalidHost, rule: None })?;
+    let (hello, next) = prefix.split_at(hello_len);
+    send(upstream, hello, &up, wait).await?;
+    let server = server_first(client, upstream, next.to_vec(), wait).await?;
     send(client, &server.bytes, &down, wait).await?;
     if !server.retry {
         // Not a retry: what the client sent meanwhile goes on, and the tunnel carries the rest.
@@ -103,12 +110,17 @@ struct ServerFirstFlight {
     held: Vec<u8>,
 }
 
-/// Waits for the server's first bytes, within `wait`. The client's bytes meanwhile are held back,
-/// not sent; a client that closes its side with nothing held has its end of stream passed on, so
-/// that a server waiting for it can answer.
-async fn server_first(client: &TcpStream, upstream: &TcpStream, wait: Duration) -> Result<ServerFirstFlight, Refusal> {
+/// Waits for the server's first bytes, within `wait`. The client's bytes meanwhile are held back
+/// after those it had already sent (`held`), not sent; a client that closes its side with nothing
+/// held has its end of stream passed on, so that a server waiting for it can answer.
+async fn server_first(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mut held: Vec<u8>,
+    wait: Duration,
+) -> Result<ServerFirstFlight, Refusal> {
     let deadline = tokio::time::Instant::now() + wait;
-    let (mut bytes, mut held, mut client_done) = (Vec::new(), Vec::new(), false);
+    let (mut bytes, mut client_done) = (Vec::new(), false);
     loop {
         match classify(&bytes) {
             First::NeedMore if bytes.len() < SERVER_FIRST_LIMIT => {}

@@ -128,7 +128,32 @@ pub fn parse(input: &[u8]) -> Result<Parsed, HelloError> {
     }
 }
 
-/// The first `need` handshake bytes of `input`, whose record headers `parse` has already checked.
+/// How many bytes of `input` the records of its first ClientHello take, once `parse` has found the
+/// hello whole: what follows is the client's next bytes, not this hello's. `None` when the
+/// hello's last record also carries bytes after the hello: no client does that, and a proxy that
+/// let such bytes through with the hello would send the server a start of the next message that
+/// it never checked.
+pub fn hello_records_len(input: &[u8]) -> Option<usize> {
+    let (mut at, mut handshake) = (0usize, Vec::with_capacity(4));
+    let mut have = 0usize;
+    loop {
+        let header = input.get(at..at.checked_add(RECORD_HEADER)?)?;
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let end = at.checked_add(RECORD_HEADER)?.checked_add(len)?;
+        let fragment = input.get(at + RECORD_HEADER..end)?;
+        handshake.extend(fragment.iter().take(4usize.saturating_sub(handshake.len())));
+        have += len;
+        at = end;
+        if let [_, a, b, c] = handshake[..] {
+            let need = 4 + (u32::from_be_bytes([0, a, b, c]) as usize);
+            if have >= need {
+                return (have == need).then_some(at);
+            }
+        }
+    }
+}
+
+/// The first `need` handshake bytes of `input`, whose record headers `parse` has already checked./// The first `need` handshake bytes of `input`, whose record headers `parse` has already checked.
 fn assemble(input: &[u8], need: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(need);
     let mut rest = input;

@@ -4,4 +4,4 @@
 pub mod client_hello;
 pub mod server_hello;
 
-pub use client_hello::{parse, ClientHello, HelloError, Parsed, ECH_EXTENSIONS, MAX_HELLO_BYTES};
+pub use client_hello::{hello_records_len, parse, ClientHello, HelloError, Parsed, ECH_EXTENSIONS, MAX_HELLO_BYTES};

@@ -368,3 +368,28 @@ fn replays_the_fuzz_corpus() {
     }
     assert!(n >= 2, "the corpus has seeds");
 }
+
+/// The records of the first hello end where the hello ends; bytes after them are not its, and a
+/// record that carries the hello's end and more is refused.
+#[test]
+fn the_first_hello_takes_its_own_records_and_no_more() {
+    let hello = |body: &[u8]| {
+        let mut hs = vec![HANDSHAKE_CLIENT_HELLO, 0, 0, body.len() as u8];
+        hs.extend_from_slice(body);
+        hs
+    };
+    let record = |frag: &[u8]| [&[CONTENT_HANDSHAKE, 3, 3, 0, frag.len() as u8][..], frag].concat();
+    let hs = hello(&[7; 20]);
+    let one = record(&hs);
+    assert_eq!(hello_records_len(&one), Some(one.len()));
+    let next = record(&hello(&[9; 5]));
+    assert_eq!(hello_records_len(&[&one[..], &next].concat()), Some(one.len()), "the next record is not the hello's");
+    let split = [record(&hs[..3]), record(&hs[3..10]), record(&hs[10..])].concat();
+    assert_eq!(hello_records_len(&split), Some(split.len()), "split across records, its header too");
+    let shared = record(&[&hs[..], &[0x16, 1, 2]].concat());
+    assert_eq!(hello_records_len(&shared), None, "the hello's last record carries more");
+    assert_eq!(hello_records_len(&one[..one.len() - 1]), None, "not whole");
+    for real in [CURL_ML, CURL_H2_MCR, &rustls_hello("ml.azure.com", &[b"h2"])[..]] {
+        assert_eq!(hello_records_len(real), Some(real.len()), "a real client's hello is its records");
+    }
+}
