@@ -23,11 +23,11 @@ use hickory_resolver::proto::rr::rdata::{HTTPS, SVCB};
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::audit::{DnsAlarm, DnsDecided};
 use crate::config::{DnsConfig, RefuseWith, TunnelAlarm};
 use crate::policy::{fold_mapped, HostName, Policy, RuleId};
@@ -44,7 +44,17 @@ pub struct DnsFilter {
     rate: f64,
     alarm: TunnelAlarm,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
-    seen: Mutex<HashMap<(IpAddr, String), Seen>>,
+    seen: Mutex<Watched>,
+}
+
+/// What the tunnelling alarm remembers: each (client, suffix) pair's window, at most
+/// MAX_TRACKED of them.
+#[derive(Default)]
+struct Watched {
+    pairs: HashMap<(IpAddr, String), Seen>,
+    /// When ended windows were last forgotten: at most once a second, so that a full table does
+    /// not cost a scan per question.
+    pruned: Option<Instant>,
 }
 
 /// A client's token bucket.
@@ -118,8 +128,12 @@ impl DnsFilter {
         let question = &question;
         let qtype = question.query_type();
         let ascii = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
-        self.watch_for_tunnelling(client, &ascii);
         let decided = self.decide(client, question, &ascii).await;
+        // After the rate limit: a question refused as over the client's rate went nowhere, and
+        // must not cost the alarm's memory either.
+        if !matches!(decided, Err(Refused::RateLimit { .. })) {
+            self.watch_for_tunnelling(client, &ascii);
+        }
         let policy = self.state.policy.load();
         let (decision, reason, rule) = match &decided {
             Ok(Answered { rule, would_deny: None, .. }) => ("allow", None, *rule),
@@ -228,15 +242,22 @@ impl DnsFilter {
         let suffix = name.rsplitn(3, '.').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
         let now = Instant::now();
         let window = self.alarm.window.0;
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.len() > MAX_TRACKED {
-            seen.retain(|_, s| now.duration_since(s.start) < window);
+        let mut watched = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let Watched { pairs, pruned } = &mut *watched;
+        let key = (client.ip(), suffix.clone());
+        if pairs.len() >= MAX_TRACKED && !pairs.contains_key(&key) {
+            if pruned.is_none_or(|at| now.duration_since(at) >= PRUNE_EVERY) {
+                pairs.retain(|_, s| now.duration_since(s.start) < window);
+                *pruned = Some(now);
+            }
+            if pairs.len() >= MAX_TRACKED {
+                // Full of live windows: a new pair waits until some end. Counted, so that an
+                // operator sees the alarm was blind to it.
+                self.state.metrics.dns_alarm_untracked.inc();
+                return;
+            }
         }
-        let s = seen.entry((client.ip(), suffix.clone())).or_insert_with(|| Seen {
-            start: now,
-            names: HashSet::new(),
-            alarmed: false,
-        });
+        let s = pairs.entry(key).or_insert_with(|| Seen { start: now, names: HashSet::new(), alarmed: false });
         if now.duration_since(s.start) >= window {
             *s = Seen { start: now, names: HashSet::new(), alarmed: false };
         }
@@ -367,7 +388,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
 /// Serves DNS over UDP until `shutdown`: each datagram is one query, answered to its sender.
 pub async fn serve_udp(socket: UdpSocket, filter: Arc<DnsFilter>, shutdown: CancellationToken, tracker: TaskTracker) {
     let socket = Arc::new(socket);
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let in_flight = Admission::new(IN_FLIGHT, IN_FLIGHT_PER_CLIENT);
     let mut buf = vec![0u8; MAX_UDP];
     loop {
         let (n, from) = tokio::select! {
@@ -380,8 +401,9 @@ pub async fn serve_udp(socket: UdpSocket, filter: Arc<DnsFilter>, shutdown: Canc
                 }
             },
         };
-        // Beyond this many questions in flight, a datagram is dropped, as a busy resolver does.
-        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else { continue };
+        // Beyond this many questions in flight (in all, or from one client), a datagram is
+        // dropped, as a busy resolver does.
+        let Some(permit) = in_flight.admit(fold_mapped(from.ip())) else { continue };
         let packet = buf.get(..n).unwrap_or_default().to_vec();
         let (socket, filter) = (Arc::clone(&socket), Arc::clone(&filter));
         tracker.spawn(async move {
@@ -419,12 +441,19 @@ pub async fn serve_tcp_conn(mut stream: TcpStream, from: SocketAddr, filter: &Dn
 
 /// Clients and (client, suffix) pairs remembered before old ones are forgotten.
 const MAX_TRACKED: usize = 10_000;
+/// How often, at most, a full table of (client, suffix) pairs is pruned of ended windows.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// UDP questions answered at once.
 const IN_FLIGHT: usize = 256;
+/// UDP questions answered at once for one client address: a quarter, as for TCP.
+const IN_FLIGHT_PER_CLIENT: usize = IN_FLIGHT / 4;
 /// The largest datagram read (EDNS0 allows up to 4096; more is not DNS we answer).
 const MAX_UDP: usize = 4096;
 /// TCP connections served at once.
 pub const TCP_CONNECTIONS: usize = 64;
+/// TCP connections served at once for one client address: a quarter, so that one client cannot
+/// shut the others out.
+pub const TCP_CONNECTIONS_PER_CLIENT: usize = TCP_CONNECTIONS / 4;
 /// A TCP connection with no whole message for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -434,6 +463,65 @@ mod tests {
     use hickory_resolver::proto::rr::Name;
 
     use super::*;
+
+    /// The tunnelling alarm's table stays within MAX_TRACKED pairs, and a full one costs no scan
+    /// per question: one client asking long names under ever new suffixes, far over its rate,
+    /// once grew it without bound, each question scanning all of it under the lock (found in
+    /// review). Questions over the rate are not watched; those past a full table are counted.
+    #[tokio::test]
+    async fn the_alarm_table_stays_within_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("p.toml");
+        let audit = dir.path().join("audit.jsonl");
+        std::fs::write(
+            &cfg,
+            format!("[audit]\npath = {:?}\n[dns]\nrate_per_client = 100000\n", audit.display().to_string()),
+        )
+        .unwrap();
+        let mut loaded = crate::load::load(Some(&cfg), &[]).unwrap();
+        let dns_config = std::mem::take(&mut loaded.config.dns);
+        let state = Arc::new(State::build(loaded).unwrap());
+        let filter = DnsFilter::new(Arc::clone(&state), &dns_config);
+        let client: SocketAddr = "10.1.2.3:5353".parse().unwrap();
+        let n = MAX_TRACKED + 2_000;
+        for i in 0..n {
+            let name = Name::from_ascii(format!("{}.s{i}.x{i}.", "d".repeat(60))).unwrap();
+            let mut m = Message::new();
+            m.set_id(1).set_message_type(MessageType::Query);
+            m.add_query(Query::query(name, RecordType::A));
+            filter.answer(client, &m.to_vec().unwrap()).await;
+        }
+        let tracked = filter.seen.lock().unwrap().pairs.len();
+        assert_eq!(tracked, MAX_TRACKED, "every window is live: the table is full, and no bigger");
+        assert_eq!(state.metrics.dns_alarm_untracked.get(), 2_000);
+    }
+
+    /// Questions refused as over the client's rate go nowhere, and cost the alarm nothing.
+    #[tokio::test]
+    async fn questions_over_the_rate_are_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("p.toml");
+        let audit = dir.path().join("audit.jsonl");
+        std::fs::write(
+            &cfg,
+            format!("[audit]\npath = {:?}\n[dns]\nrate_per_client = 10\n", audit.display().to_string()),
+        )
+        .unwrap();
+        let mut loaded = crate::load::load(Some(&cfg), &[]).unwrap();
+        let dns_config = std::mem::take(&mut loaded.config.dns);
+        let state = Arc::new(State::build(loaded).unwrap());
+        let filter = DnsFilter::new(state, &dns_config);
+        let client: SocketAddr = "10.1.2.3:5353".parse().unwrap();
+        for i in 0..1_000 {
+            let name = Name::from_ascii(format!("{}.s{i}.x{i}.", "d".repeat(60))).unwrap();
+            let mut m = Message::new();
+            m.set_id(1).set_message_type(MessageType::Query);
+            m.add_query(Query::query(name, RecordType::A));
+            filter.answer(client, &m.to_vec().unwrap()).await;
+        }
+        let tracked = filter.seen.lock().unwrap().pairs.len();
+        assert!(tracked <= 20, "{tracked} pairs watched for about 10 questions within the rate");
+    }
 
     #[test]
     fn https_answers_lose_their_ech_parameter_and_keep_the_rest() {

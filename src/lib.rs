@@ -57,6 +57,7 @@
 //! Imports run one way: `cli` → `app` → `server` → `admin`/`proxy` → `state` → `policy`.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod budgets;

@@ -24,6 +24,7 @@
 //! | `egress_proxy_dns_queries_total` | counter | `decision` (allow/deny), `type`, `reason` |
 //! | `egress_proxy_dns_upstream_duration_seconds` | histogram | |
 //! | `egress_proxy_dns_tunnel_alarms_total` | counter | |
+//! | `egress_proxy_dns_alarm_untracked_total` | counter | |
 //! | `egress_proxy_dns_cache_total` | counter | `result` (hit/miss): the resolver's answers, from its cache or not |
 
 use prometheus::{
@@ -58,6 +59,7 @@ pub struct Metrics {
     pub dns_queries: IntCounterVec,
     pub dns_upstream: prometheus::Histogram,
     pub dns_alarms: IntCounter,
+    pub dns_alarm_untracked: IntCounter,
     pub dns_cache: IntCounterVec,
 }
 
@@ -176,6 +178,10 @@ impl Metrics {
             dns_alarms: counter(
                 "egress_proxy_dns_tunnel_alarms_total",
                 "DNS tunnelling alarms: a client asking for many unique long names under one suffix.",
+            ),
+            dns_alarm_untracked: counter(
+                "egress_proxy_dns_alarm_untracked_total",
+                "Long DNS names the tunnelling alarm could not watch: its table of (client, suffix) windows was full.",
             ),
             shadow_differences: counter_vec(
                 "egress_proxy_shadow_differences_total",

@@ -4,12 +4,11 @@
 //! On shutdown: stop accepting, let open connections and tunnels finish for the grace period,
 //! then close what is left.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -22,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin;
+use crate::admission::Admission;
 use crate::audit::Listener;
 use crate::descriptors::{has_pending, is_shortage, At, Spare};
 use crate::dns::{self, DnsFilter};
@@ -31,7 +31,7 @@ use crate::proxy::http::{handle, http1_builder};
 use crate::proxy::transparent::{self, Redirect};
 use crate::proxy::Refusal;
 use crate::reload::Reloader;
-use crate::state::{Limits, State};
+use crate::state::State;
 
 /// The bound listeners; each is optional.
 #[derive(Default)]
@@ -61,7 +61,9 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let admission = Arc::new(Admission::new(&state.limits));
+    let admission = Arc::new(Admission::new(state.limits.max_connections, state.limits.max_connections_per_client));
+    // Bounds the tasks that answer 503, so that a flood cannot grow them without limit.
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_ANSWERS));
     let mut accepts = Vec::new();
     for (kind, listener) in
         [(Redirect::Tls, listeners.tls), (Redirect::Plain, listeners.plain), (Redirect::CatchAll, listeners.catch_all)]
@@ -75,7 +77,8 @@ pub async fn run(
     if let Some(l) = listeners.http {
         let (state, tracker, stop, shutdown, admission) =
             (state.clone(), tracker.clone(), stop.clone(), shutdown.clone(), admission.clone());
-        accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission)));
+        let overflow = overflow.clone();
+        accepts.push(tokio::spawn(accept_http(l, state, tracker, stop, shutdown, admission, overflow)));
     }
     if let Some(DnsListener { udp, tcp, filter }) = listeners.dns {
         let (tracker, shutdown) = (tracker.clone(), shutdown.clone());
@@ -108,6 +111,7 @@ async fn accept_http(
     stop: CancellationToken,
     shutdown: CancellationToken,
     admission: Arc<Admission>,
+    overflow: Arc<Semaphore>,
 ) {
     let mut spare = Spare::keep();
     while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
@@ -117,7 +121,7 @@ async fn accept_http(
                 let span = tracing::debug_span!("conn", client.addr = %client, listener = "http");
                 tracker.spawn(serve_http(stream, cx, shutdown.clone()).instrument(span));
             }
-            None => match admission.overflow.clone().try_acquire_owned() {
+            None => match overflow.clone().try_acquire_owned() {
                 Ok(permit) => {
                     tracker.spawn(reject(stream, client, state.clone(), permit));
                 }
@@ -187,10 +191,10 @@ async fn accept_dns_tcp(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(dns::TCP_CONNECTIONS));
+    let slots = Admission::new(dns::TCP_CONNECTIONS, dns::TCP_CONNECTIONS_PER_CLIENT);
     let mut spare = Spare::keep();
     while let Some((stream, client)) = accept_next(&listener, &shutdown, &state, &mut spare).await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let Some(slot) = slots.admit(fold_mapped(client.ip())) else { continue };
         let filter = Arc::clone(&filter);
         tracker.spawn(async move {
             let _ = dns::serve_tcp_conn(stream, client, &filter).await;
@@ -342,57 +346,6 @@ async fn reject(stream: TcpStream, client: SocketAddr, state: Arc<State>, _permi
     Conn::new(&state, client, Listener::Http, None).refused(&Refusal::ConnectionLimit);
     let svc = service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Refusal::ConnectionLimit.response()) });
     let _ = http1_builder(&state.limits).keep_alive(false).serve_connection(TokioIo::new(stream), svc).await;
-}
-
-/// Connection limits: overall and per client address.
-struct Admission {
-    total: Arc<Semaphore>,
-    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    max_per_client: usize,
-    /// Bounds the tasks that answer 503, so that a flood cannot grow them without limit.
-    overflow: Arc<Semaphore>,
-}
-
-/// A connection's place in the limits, given back on drop.
-struct Slot {
-    _total: OwnedSemaphorePermit,
-    client: IpAddr,
-    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Admission {
-    fn new(limits: &Limits) -> Self {
-        Self {
-            total: Arc::new(Semaphore::new(limits.max_connections)),
-            per_client: Arc::default(),
-            max_per_client: limits.max_connections_per_client,
-            overflow: Arc::new(Semaphore::new(OVERFLOW_ANSWERS)),
-        }
-    }
-
-    fn admit(&self, client: IpAddr) -> Option<Slot> {
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut map = self.per_client.lock().ok()?;
-        let n = map.entry(client).or_insert(0);
-        if *n >= self.max_per_client {
-            return None;
-        }
-        *n += 1;
-        Some(Slot { _total: total, client, per_client: self.per_client.clone() })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Ok(mut map) = self.per_client.lock() {
-            if let Some(n) = map.get_mut(&self.client) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(&self.client);
-                }
-            }
-        }
-    }
 }
 
 const OVERFLOW_ANSWERS: usize = 64;

@@ -282,3 +282,61 @@ async fn in_report_mode_a_name_no_rule_allows_is_answered_as_would_deny() {
     let lines = wait_for_lines(&proxy, 2).await;
     assert_eq!(lines[0], line("elsewhere.example", "A", "would_deny", "no_rule"));
 }
+
+/// One client cannot take every DNS-over-TCP connection: with 64 idle connections of its own
+/// open (a quarter of them served, the rest closed at once), another client's question is still
+/// answered. (Found in review: 64 in all, none per client, shut every other node out.)
+#[tokio::test]
+async fn one_client_holding_idle_tcp_connections_does_not_shut_out_another() {
+    let proxy = TestProxy::builder("").watch(false).dns(true).start().await;
+    let dns = proxy.dns_addr.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(TcpStream::connect(dns).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(dns).await.unwrap();
+    let q = query(9, "stolen.attacker.example.", RecordType::A);
+    other.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+    other.write_all(&q).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(WAIT, other.read_exact(&mut len)).await.expect("answered in time").unwrap();
+    let mut m = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    other.read_exact(&mut m).await.unwrap();
+    assert_eq!(Message::from_vec(&m).unwrap().response_code(), ResponseCode::Refused);
+    drop(held);
+}
+
+/// One client cannot take every UDP question in flight either: 300 questions for names whose
+/// upstream answer is slow, within the client's rate, hold at most a quarter of the places, and
+/// another client's question is answered meanwhile.
+#[tokio::test]
+async fn one_client_with_slow_questions_in_flight_does_not_shut_out_another() {
+    let upstream = DnsServer::start().await;
+    // Slow answers stay in flight for the whole of the resolver's timeout.
+    let rules = format!(
+        "[resolve]\nupstream = [\"{}\"]\ntimeout = \"5s\"\n\
+         [[rule]]\nname = \"dns-test\"\naction = \"allow\"\nhosts = [\"*.dns.test\"]\nports = [443]\n",
+        upstream.addr
+    );
+    let proxy = TestProxy::builder(&rules).watch(false).dns(true).start().await;
+    let dns = proxy.dns_addr.unwrap();
+    let flood = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..300u16 {
+        flood.send_to(&query(i, &format!("slow.n{i}.dns.test."), RecordType::A), dns).await.unwrap();
+        if i >= 200 {
+            tokio::time::sleep(Duration::from_millis(6)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(&query(7, "stolen.attacker.example.", RecordType::A), dns).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), other.recv_from(&mut buf))
+        .await
+        .expect("the other client is answered")
+        .unwrap();
+    assert_eq!(Message::from_vec(&buf[..n]).unwrap().response_code(), ResponseCode::Refused);
+}
