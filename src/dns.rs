@@ -464,26 +464,21 @@ mod tests {
 
     use super::*;
 
-    /// The tunnelling alarm's table stays within MAX_TRACKED pairs, and a full one costs no scan
-    /// per question: one client asking long names under ever new suffixes, far over its rate,
-    /// once grew it without bound, each question scanning all of it under the lock (found in
-    /// review). Questions over the rate are not watched; those past a full table are counted.
-    #[tokio::test]
-    async fn the_alarm_table_stays_within_its_cap() {
+    /// A filter on a policy of no rules, with `dns` as its `[dns]` section; the directory holds
+    /// its audit log.
+    fn filter_with(dns: &str) -> (DnsFilter, Arc<State>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("p.toml");
-        let audit = dir.path().join("audit.jsonl");
-        std::fs::write(
-            &cfg,
-            format!("[audit]\npath = {:?}\n[dns]\nrate_per_client = 100000\n", audit.display().to_string()),
-        )
-        .unwrap();
+        let (cfg, audit) = (dir.path().join("p.toml"), dir.path().join("audit.jsonl"));
+        std::fs::write(&cfg, format!("[audit]\npath = {:?}\n[dns]\n{dns}\n", audit.display().to_string())).unwrap();
         let mut loaded = crate::load::load(Some(&cfg), &[]).unwrap();
         let dns_config = std::mem::take(&mut loaded.config.dns);
         let state = Arc::new(State::build(loaded).unwrap());
-        let filter = DnsFilter::new(Arc::clone(&state), &dns_config);
+        (DnsFilter::new(Arc::clone(&state), &dns_config), state, dir)
+    }
+
+    /// Asks `n` long names, each under a suffix of its own, from one client.
+    async fn ask_long_names(filter: &DnsFilter, n: usize) {
         let client: SocketAddr = "10.1.2.3:5353".parse().unwrap();
-        let n = MAX_TRACKED + 2_000;
         for i in 0..n {
             let name = Name::from_ascii(format!("{}.s{i}.x{i}.", "d".repeat(60))).unwrap();
             let mut m = Message::new();
@@ -491,6 +486,16 @@ mod tests {
             m.add_query(Query::query(name, RecordType::A));
             filter.answer(client, &m.to_vec().unwrap()).await;
         }
+    }
+
+    /// The tunnelling alarm's table stays within MAX_TRACKED pairs, and a full one costs no scan
+    /// per question: one client asking long names under ever new suffixes, far over its rate,
+    /// once grew it without bound, each question scanning all of it under the lock (found in
+    /// review). Those past a full table are counted.
+    #[tokio::test]
+    async fn the_alarm_table_stays_within_its_cap() {
+        let (filter, state, _dir) = filter_with("rate_per_client = 100000");
+        ask_long_names(&filter, MAX_TRACKED + 2_000).await;
         let tracked = filter.seen.lock().unwrap().pairs.len();
         assert_eq!(tracked, MAX_TRACKED, "every window is live: the table is full, and no bigger");
         assert_eq!(state.metrics.dns_alarm_untracked.get(), 2_000);
@@ -499,26 +504,8 @@ mod tests {
     /// Questions refused as over the client's rate go nowhere, and cost the alarm nothing.
     #[tokio::test]
     async fn questions_over_the_rate_are_not_watched() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("p.toml");
-        let audit = dir.path().join("audit.jsonl");
-        std::fs::write(
-            &cfg,
-            format!("[audit]\npath = {:?}\n[dns]\nrate_per_client = 10\n", audit.display().to_string()),
-        )
-        .unwrap();
-        let mut loaded = crate::load::load(Some(&cfg), &[]).unwrap();
-        let dns_config = std::mem::take(&mut loaded.config.dns);
-        let state = Arc::new(State::build(loaded).unwrap());
-        let filter = DnsFilter::new(state, &dns_config);
-        let client: SocketAddr = "10.1.2.3:5353".parse().unwrap();
-        for i in 0..1_000 {
-            let name = Name::from_ascii(format!("{}.s{i}.x{i}.", "d".repeat(60))).unwrap();
-            let mut m = Message::new();
-            m.set_id(1).set_message_type(MessageType::Query);
-            m.add_query(Query::query(name, RecordType::A));
-            filter.answer(client, &m.to_vec().unwrap()).await;
-        }
+        let (filter, _state, _dir) = filter_with("rate_per_client = 10");
+        ask_long_names(&filter, 1_000).await;
         let tracked = filter.seen.lock().unwrap().pairs.len();
         assert!(tracked <= 20, "{tracked} pairs watched for about 10 questions within the rate");
     }
