@@ -109,6 +109,10 @@ pub struct Decided<'a> {
     /// Something the operator should know about an allowed connection (`original_dst_mismatch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'a str>,
+    /// The server name a ClientHello presented where it is not the host decided (`sni_mismatch`):
+    /// where the bytes were meant to go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<&'a str>,
 }
 
 /// The end of an allowed connection.
@@ -124,6 +128,9 @@ pub struct Closed<'a> {
     /// Why an allowed exchange failed after the allow line (a forwarded request's upstream broke).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// The server name a second ClientHello presented, where it is not the host decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<&'a str>,
     /// Bytes from the client to the destination.
     pub bytes_up: u64,
     /// Bytes from the destination to the client.
@@ -382,6 +389,7 @@ mod tests {
             reason: Some("no_rule"),
             original_dst: None,
             note: None,
+            sni: None,
         }
     }
 

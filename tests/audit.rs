@@ -25,6 +25,7 @@ fn refusal(id: u64) -> Decided<'static> {
         reason: Some("no_rule"),
         original_dst: None,
         note: None,
+        sni: None,
     }
 }
 

@@ -433,7 +433,10 @@ async fn a_server_name_other_than_the_connect_host_is_refused_as_sni_mismatch() 
         (d[0]["decision"].as_str(), d[0]["reason"].as_str(), d[0]["rule"].as_str()),
         (Some("deny"), Some("sni_mismatch"), Some("azureml"))
     );
+    // Where the bytes were meant to go (found in review: the fronted name was nowhere).
+    assert_eq!((d[0]["host"].as_str(), d[0]["sni"].as_str()), (Some("ml.azure.com"), Some("mcr.microsoft.com")));
     assert_eq!(d[1]["decision"], "allow");
+    assert!(d[1].get("sni").is_none(), "a hello that names the host decided adds nothing: {:?}", d[1]);
 }
 
 #[tokio::test]
@@ -689,6 +692,7 @@ async fn a_second_hello_after_a_retry_request_must_name_the_same_server() {
                 (lines[1]["event"].as_str(), lines[1]["reason"].as_str(), lines[1]["rule"].as_str()),
                 (Some("close"), Some("sni_mismatch"), Some("azureml"))
             );
+            assert_eq!(lines[1]["sni"], "evil.example.com", "the second hello's name");
         }
     }
 }

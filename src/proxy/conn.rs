@@ -54,6 +54,8 @@ pub struct Conn {
     /// The destination as the client named it, as far as it is known yet.
     host: Option<String>,
     port: Option<u16>,
+    /// The server name a ClientHello presented, where it is not `host` (`presented`).
+    sni: Option<String>,
     /// The decision line is written.
     decided: bool,
     state: Arc<State>,
@@ -100,6 +102,7 @@ impl Conn {
             method: None,
             host: None,
             port: None,
+            sni: None,
             decided: false,
             shadow: state.shadow.load_full(),
             policy: state.policy.load_full(),
@@ -113,6 +116,14 @@ impl Conn {
         let mut conn = Self::new(state, client, listener, Some(original_dst));
         conn.asked(original_dst.ip().to_string(), Some(original_dst.port()));
         conn
+    }
+
+    /// Records the server name a ClientHello presented, for the lines to come, where it is not
+    /// the host decided: a tunnel refused as `sni_mismatch` says where it was meant to go.
+    pub fn presented(&mut self, sni: &HostName) {
+        if self.host.as_deref() != Some(sni.as_str()) {
+            self.sni = Some(sni.to_string());
+        }
     }
 
     pub fn with_method(mut self, method: Method) -> Self {
@@ -297,6 +308,7 @@ impl Conn {
             reason,
             original_dst: self.original_dst,
             note,
+            sni: self.sni.as_deref(),
         });
         if let Some((allowed, dialled)) = enforced {
             self.compare_shadow(allowed, dialled);
@@ -362,6 +374,11 @@ impl CloseRecord {
         self.conn.id
     }
 
+    /// As `Conn::presented`, for the close line.
+    pub fn presented(&mut self, sni: &HostName) {
+        self.conn.presented(sni);
+    }
+
     /// Writes the close line now, with why the allowed exchange failed.
     pub fn failed(mut self, refusal: &Refusal) {
         self.mark_failed(refusal);
@@ -411,6 +428,7 @@ impl Drop for CloseRecord {
             dst_addr: Some(self.addr),
             rule: Some(c.policy.rule_name(self.rule)),
             reason: self.failed,
+            sni: c.sni.as_deref(),
             bytes_up: up,
             bytes_down: down,
             duration_ms: u64::try_from(self.meter.elapsed().as_millis()).unwrap_or(u64::MAX),

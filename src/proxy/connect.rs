@@ -38,8 +38,8 @@ pub async fn connect(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest:
 }
 
 /// After the 200: takes over the client's socket, checks its first bytes, and tunnels.
-async fn tunnel(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest: Destination, upstream: Upstream) {
-    let (client, prefix, hello) = match first_bytes(req, cx, &conn, &dest, &upstream).await {
+async fn tunnel(req: Request<Incoming>, cx: &Arc<ConnCx>, mut conn: Conn, dest: Destination, upstream: Upstream) {
+    let (client, prefix, hello) = match first_bytes(req, cx, &mut conn, &dest, &upstream).await {
         Ok(opened) => opened,
         Err(refusal) => return conn.refused(&refusal),
     };
@@ -54,7 +54,7 @@ async fn tunnel(req: Request<Incoming>, cx: &Arc<ConnCx>, conn: Conn, dest: Dest
 async fn first_bytes(
     req: Request<Incoming>,
     cx: &ConnCx,
-    conn: &Conn,
+    conn: &mut Conn,
     dest: &Destination,
     upstream: &Upstream,
 ) -> Result<(TcpStream, Vec<u8>, Option<ClientHello>), Refusal> {
@@ -91,6 +91,9 @@ async fn first_bytes(
         other => other,
     })?;
     if let Some(hello) = &d.value {
+        if let Some(sni) = &hello.sni {
+            conn.presented(sni);
+        }
         check_hello(hello, dest.host.name(), grant.tunnel).map_err(by_rule)?;
         // A tunnel to an address, allowed by an address rule: with `names = "listed"`, the name
         // it carries must be allowed by a host rule of its own.

@@ -18,7 +18,7 @@ use crate::policy::{DenyReason, TunnelOptions};
 use crate::tls::server_hello::{classify, second_hello_start, First};
 use crate::tls::{self, ClientHello, Parsed};
 
-use super::conn::{Conn, ConnCx};
+use super::conn::{CloseRecord, Conn, ConnCx};
 use super::detect::{check_hello, detect, Detect, Step, Stop};
 use super::dial::Upstream;
 use super::read::{read_some_into, Read, READ_CHUNK};
@@ -48,7 +48,7 @@ pub async fn tunnel_tls(
     if let Some(hello) = hello {
         let wait = limits.request_head_timeout;
         if let Err(refusal) =
-            follow_retry(&mut client, &mut upstream, &hello, &rest, to.grant.tunnel, close.meter(), wait).await
+            follow_retry(&mut client, &mut upstream, &hello, &rest, to.grant.tunnel, &mut close, wait).await
         {
             close.failed(&refusal.with_rule(to.grant.rule));
             return Err(client);
@@ -76,10 +76,10 @@ pub async fn follow_retry(
     first: &ClientHello,
     prefix: &[u8],
     rule: TunnelOptions,
-    meter: &std::sync::Arc<Meter>,
+    close: &mut CloseRecord,
     wait: Duration,
 ) -> Result<(), Refusal> {
-    let (up, down) = (meter.flow(Direction::Up), meter.flow(Direction::Down));
+    let (up, down) = (close.meter().flow(Direction::Up), close.meter().flow(Direction::Down));
     // Only the first hello's own records go now. Bytes read with it are the client's next: held
     // back with what it sends while the server is awaited, and checked as a second hello if the
     // server asks for one. (Sent on unchecked, a start of a second hello could have named another
@@ -96,6 +96,9 @@ pub async fn follow_retry(
     }
     let second = detect(client, server.held, &mut SecondHello, tls::MAX_HELLO_BYTES, wait, None).await?;
     if second.value.sni != first.sni {
+        if let Some(sni) = &second.value.sni {
+            close.presented(sni);
+        }
         return Err(Refusal::Policy { reason: DenyReason::SniMismatch, rule: None });
     }
     check_hello(&second.value, None, rule).map_err(|reason| Refusal::Policy { reason, rule: None })?;
