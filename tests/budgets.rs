@@ -220,3 +220,87 @@ async fn forwarded_request_heads_count_against_the_upload_budget() {
         "the crossing is audited: {lines:?}"
     );
 }
+
+/// An origin that answers `200 ok` as soon as it has a request head, then goes on reading until
+/// the peer closes: the bytes it got in all.
+async fn early_answering_origin() -> (SocketAddr, tokio::sync::oneshot::Receiver<usize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (mut got, mut buf, mut answered) = (Vec::new(), vec![0u8; 64 * 1024], false);
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if !answered && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                answered = true;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            }
+        }
+        let _ = tx.send(got.len());
+    });
+    (addr, rx)
+}
+
+/// Sends a POST head for `len` body bytes, reads the early answer whole, then sends `len` body
+/// bytes (as far as they are taken) and closes: the audit lines after.
+async fn post_after_the_answer(proxy: &TestProxy, origin: SocketAddr, len: usize) -> Vec<Value> {
+    let p = origin.port();
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST http://up.test:{p}/u HTTP/1.1\r\nHost: up.test:{p}\r\nContent-Length: {len}\r\n\r\n");
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !resp.ends_with(b"ok") {
+        match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => resp.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+    let chunk = vec![0x42u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        let k = chunk.len().min(len - sent);
+        if c.write_all(&chunk[..k]).await.is_err() {
+            break;
+        }
+        sent += k;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    proxy.audit_at_least(2).await
+}
+
+/// An origin that answers before it has read the request body still takes that body: the close
+/// line waits for it, and counts it. (Found in review: it was written when the response ended,
+/// with `bytes_up` the head alone, while a megabyte went up after it.)
+#[tokio::test]
+async fn a_forwarded_body_sent_after_the_response_is_counted_on_the_close_line() {
+    let (origin, got) = early_answering_origin().await;
+    let proxy = TestProxy::start(&rules(origin.port(), "")).await;
+    const N: usize = 1_000_000;
+    let lines = post_after_the_answer(&proxy, origin, N).await;
+    let reached = tokio::time::timeout(WAIT, got).await.unwrap().unwrap() as u64;
+    let close = with_event(&lines, "close");
+    assert_eq!(close.len(), 1, "{lines:?}");
+    assert_eq!(close[0]["bytes_up"].as_u64(), Some(reached), "every byte the origin got, head and body");
+    assert!(reached > N as u64);
+}
+
+/// A body cut at `max_upload_bytes` after the response is audited as such: a `limit` line, and
+/// `upload_limit` on the close line. The cut itself holds to the byte.
+#[tokio::test]
+async fn a_forwarded_body_cut_after_the_response_is_audited() {
+    let (origin, got) = early_answering_origin().await;
+    let proxy = TestProxy::start(&rules(origin.port(), "max_upload_bytes = 1000")).await;
+    let lines = post_after_the_answer(&proxy, origin, 100_000).await;
+    let reached = tokio::time::timeout(WAIT, got).await.unwrap().unwrap();
+    assert!(reached <= 1000, "{reached} bytes reached the origin");
+    assert_eq!(with_event(&lines, "limit").len(), 1, "{lines:?}");
+    let close = with_event(&lines, "close");
+    assert_eq!((close.len(), close[0]["reason"].as_str()), (1, Some("upload_limit")), "{lines:?}");
+}

@@ -73,6 +73,8 @@ pub struct CloseRecord {
     addr: SocketAddr,
     rule: RuleId,
     meter: Arc<Meter>,
+    /// `check_upload_limit` has run: its `limit` line is written once.
+    limit_checked: bool,
 }
 
 // === impl ConnCx ===
@@ -236,7 +238,7 @@ impl Conn {
     pub fn allowed(mut self, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
         self.decided(Outcome::Allowed(to));
         self.limit_uploads(&to, &meter);
-        CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter }
+        CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter, limit_checked: false }
     }
 
     /// Puts the rule's upload limits on the meter: `max_upload_bytes` cuts the connection, and
@@ -393,8 +395,8 @@ impl CloseRecord {
     /// If the meter cut the connection at `max_upload_bytes`: the close line says
     /// `upload_limit`, and a `limit` line and the metric record the moment. True when it did.
     pub fn check_upload_limit(&mut self) -> bool {
-        if !self.meter.over_limit() {
-            return false;
+        if std::mem::replace(&mut self.limit_checked, true) || !self.meter.over_limit() {
+            return self.meter.over_limit();
         }
         let c = &self.conn;
         let rule = c.policy.rule_name(self.rule);
@@ -417,6 +419,8 @@ impl CloseRecord {
 
 impl Drop for CloseRecord {
     fn drop(&mut self) {
+        // A cut no one looked at yet (a forwarded body cut after its response) is said now.
+        self.check_upload_limit();
         let (up, down) = self.meter.bytes();
         let c = &self.conn;
         c.state.audit.closed(&Closed {

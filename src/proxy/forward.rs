@@ -1,10 +1,11 @@
 //! Forwarding one HTTP request (explicit absolute form, or a request on the transparent `plain`
 //! listener), once authorized: dial → allow line → one upstream HTTP/1.1 exchange in origin form,
-//! hop-by-hop headers removed → close line when the response body ends.
+//! hop-by-hop headers removed → close line when both bodies are done: the response's, and the
+//! request's, which an origin that answers early may still be taking.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,27 +45,31 @@ pub async fn forward(
         Err(refusal) => return refuse(conn, refusal),
     };
     let meter = Meter::new();
-    let close = conn.allowed(upstream.to, Arc::clone(&meter));
+    let close = Arc::new(Mutex::new(conn.allowed(upstream.to, Arc::clone(&meter))));
     let idle = cx.state.limits.idle_timeout;
-    match exchange(prepared, cx, upstream.stream, &meter).await {
+    match exchange(prepared, cx, upstream.stream, &meter, &close).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = Counted::new(body, meter.flow(Direction::Down), idle, Some(close)).boxed();
+            let body = Counted::new(body, meter.flow(Direction::Down), idle).closing(close).boxed();
             Response::from_parts(parts, body)
         }
         Err(refusal) => {
-            let mut close = close;
+            let mut close = close.lock().unwrap_or_else(PoisonError::into_inner);
             // A request body cut at `max_upload_bytes` is refused as such, not as the upstream's fault.
             let refusal = match close.check_upload_limit() {
                 true => Refusal::Policy { reason: DenyReason::UploadLimit, rule: Some(upstream.to.grant.rule) },
                 false => refusal,
             };
-            close.failed(&refusal);
+            close.mark_failed(&refusal);
             refusal.response()
         }
     }
 }
+
+/// The close record of one forwarded exchange, which both bodies hold: the close line is
+/// written when the last of them is done (`CloseRecord`'s drop).
+type SharedClose = Arc<Mutex<CloseRecord>>;
 
 fn refuse(conn: Conn, refusal: Refusal) -> Response<ProxyBody> {
     conn.refused(&refusal);
@@ -88,6 +93,7 @@ async fn exchange(
     cx: &ConnCx,
     upstream: TcpStream,
     meter: &Arc<Meter>,
+    close: &SharedClose,
 ) -> Result<Response<Incoming>, Refusal> {
     let idle = cx.state.limits.idle_timeout;
     // The head carries bytes up as the body does (a URL, a header field): it passes the meter
@@ -96,7 +102,7 @@ async fn exchange(
     if meter.flow(Direction::Up).pass(head_len(&req)).is_break() {
         return Err(Refusal::Policy { reason: DenyReason::UploadLimit, rule: None });
     }
-    let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle, None).boxed());
+    let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle).holding(Arc::clone(close)).boxed());
     let (mut sender, conn_task) =
         hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
     let stop = cx.stop.clone();
@@ -150,18 +156,37 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// A body whose bytes pass the meter (`flow`), which ends in an error when no frame comes for the
 /// idle timeout (a trickling peer must not hold a connection slot forever) or the meter cuts it,
-/// and which writes the close line (if it carries one) when it is dropped.
+/// and which holds the exchange's close record: the close line is written once both bodies are
+/// dropped.
 struct Counted<B> {
     inner: B,
     flow: Flow,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    close: Option<CloseRecord>,
+    /// The response body's: its errors are the upstream's, and the close line says so.
+    close: Option<SharedClose>,
+    /// The request body's: only held, so that bytes it still carries are counted on the close
+    /// line (its errors are the client's, or the meter's cut, which the record finds itself).
+    _holds: Option<SharedClose>,
 }
 
 impl<B> Counted<B> {
-    fn new(inner: B, flow: Flow, idle: Duration, close: Option<CloseRecord>) -> Self {
-        Self { inner, flow, idle, deadline: Box::pin(tokio::time::sleep(idle)), close }
+    fn new(inner: B, flow: Flow, idle: Duration) -> Self {
+        Self { inner, flow, idle, deadline: Box::pin(tokio::time::sleep(idle)), close: None, _holds: None }
+    }
+
+    fn closing(self, close: SharedClose) -> Self {
+        Self { close: Some(close), ..self }
+    }
+
+    fn holding(self, close: SharedClose) -> Self {
+        Self { _holds: Some(close), ..self }
+    }
+
+    fn mark_failed(&self, refusal: &Refusal) {
+        if let Some(close) = &self.close {
+            close.lock().unwrap_or_else(PoisonError::into_inner).mark_failed(refusal);
+        }
     }
 }
 
@@ -186,18 +211,13 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                // Only a response body carries the close record: its errors are the upstream's.
-                if let Some(close) = self.close.as_mut() {
-                    close.mark_failed(&Refusal::UpstreamProtocol);
-                }
+                self.mark_failed(&Refusal::UpstreamProtocol);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    if let Some(close) = self.close.as_mut() {
-                        close.mark_failed(&Refusal::UpstreamTimeout);
-                    }
+                    self.mark_failed(&Refusal::UpstreamTimeout);
                     Poll::Ready(Some(Err("body idle for longer than idle_timeout".into())))
                 }
                 Poll::Pending => Poll::Pending,
