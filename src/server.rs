@@ -310,6 +310,9 @@ async fn serve_http(stream: TcpStream, cx: Arc<ConnCx>, shutdown: CancellationTo
         let served = cx.requests.load(Ordering::Relaxed) > 0;
         let refusal = if e.is_timeout() && !served {
             Some(Refusal::HeadTimeout)
+        } else if e.is_incomplete_message() && !served {
+            // A first request head the client left halfway: audited, as on the `plain` listener.
+            Some(Refusal::BadRequest("closed before the head was read"))
         } else if e.is_parse() || e.is_parse_too_large() {
             Some(Refusal::BadRequest("malformed request"))
         } else {

@@ -815,3 +815,20 @@ async fn with_names_listed_a_tunnel_to_an_address_must_be_tls_even_when_the_rule
         (Some("deny"), Some("not_tls"), Some("loopback-listed"))
     );
 }
+
+/// A client that sends part of a first request head and leaves is audited, as on the `plain`
+/// listener: a refusal line, `bad_request`. (Found in review: the explicit listener wrote
+/// nothing.)
+#[tokio::test]
+async fn a_first_request_head_cut_by_the_client_is_audited() {
+    let proxy = TestProxy::start(&rules_for("127.0.0.1:9".parse().unwrap(), "")).await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"CONNECT evil.example.com:443 HTTP/1.1\r\nX-D: secret").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    let lines = proxy.audit_at_least(1).await;
+    let d = decisions(&lines);
+    assert_eq!(d.len(), 1, "{lines:#?}");
+    assert_eq!((d[0]["decision"].as_str(), d[0]["reason"].as_str()), (Some("deny"), Some("bad_request")));
+}
