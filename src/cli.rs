@@ -165,6 +165,12 @@ fn check(args: CheckArgs) -> ExitCode {
             Err(_) => (dest.clone(), Decision::deny(crate::policy::DenyReason::InvalidHost), None),
         };
         all_allowed &= decision.is_allow();
+        // What the proxy does with it: a refusal the policy only reports is let through.
+        let verdict = match decision {
+            Decision::Allow { .. } => "allow",
+            Decision::Deny { reason, rule } if policy.reports(reason, rule) => "would_deny",
+            Decision::Deny { .. } => "deny",
+        };
         let line = if args.json {
             let (rule, reason) = match decision {
                 Decision::Allow { rule } => (Some(policy.rule_name(rule)), None),
@@ -172,16 +178,15 @@ fn check(args: CheckArgs) -> ExitCode {
             };
             serde_json::json!({
                 "dest": shown,
-                "decision": if decision.is_allow() { "allow" } else { "deny" },
+                "decision": verdict,
                 "rule": rule,
                 "reason": reason,
                 "addr": addr.map(|a| a.to_string()),
             })
             .to_string()
         } else {
-            let verdict = if decision.is_allow() { "allow" } else { "deny " };
             let at = addr.map(|a| format!(" addr={a}")).unwrap_or_default();
-            format!("{verdict} {shown} {}{at}", policy.explain(&decision))
+            format!("{verdict:<5} {shown} {}{at}", policy.explain(&decision))
         };
         let _ = writeln!(out, "{line}");
     }
@@ -193,7 +198,8 @@ fn check(args: CheckArgs) -> ExitCode {
 }
 
 /// Decides a destination as the proxy would before resolving it, then, for a name pinned in
-/// `[resolve] static`, on each pinned address (the first refused address decides).
+/// `[resolve] static`, on each pinned address, as the proxy dials them: allowed if one passes
+/// (that address's decision), else refused as the first address was.
 fn decide_with_pins(
     policy: &Policy,
     loaded: &Loaded,
@@ -212,13 +218,16 @@ fn decide_with_pins(
         return (first, None);
     }
     let pins = loaded.config.resolve.static_hosts.get(name.as_str());
+    let mut refused = None;
     for ip in pins.map(|p| p.get_ref().as_slice()).unwrap_or_default() {
-        let d = policy.check_addr(name, *ip, d.port, source);
-        if !d.is_allow() {
-            return (d, Some(*ip));
+        match policy.check_addr(name, *ip, d.port, source) {
+            allowed @ Decision::Allow { .. } => return (allowed, None),
+            denied => {
+                refused.get_or_insert((denied, Some(*ip)));
+            }
         }
     }
-    (first, None)
+    refused.unwrap_or((first, None))
 }
 
 fn validate(args: ConfigArgs) -> ExitCode {

@@ -78,6 +78,31 @@ fn check_uses_source_and_static_pins() {
     assert_eq!(out, "deny  docs.example.com:443 reason=source_not_allowed rule=team\n");
 }
 
+/// `check` says what the proxy does (found in review): a name pinned to one internal and one
+/// public address is allowed, as the proxy dials the address that passes; a refusal the policy
+/// only reports is `would_deny`, which the proxy lets through (and which exits 1).
+#[test]
+fn check_agrees_with_the_proxy_on_mixed_pins_and_report_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[resolve.static]\n\"api.example.com\" = [\"10.0.0.5\", \"203.0.113.7\"]\n\"int.example.com\" = [\"10.0.0.6\"]\n\
+         [[rule]]\nname = \"api\"\naction = \"allow\"\nhosts = [\"api.example.com\", \"int.example.com\"]\n\
+         [[rule]]\nname = \"trial\"\naction = \"allow\"\nhosts = [\"www.example.com\"]\nports = [443]\nmode = \"report\"\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, out, _) = run(&["check", "--config", c, "api.example.com", "int.example.com", "www.example.com:8443"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        "allow api.example.com:443 rule=api\n\
+         deny  int.example.com:443 reason=internal_address addr=10.0.0.6\n\
+         would_deny www.example.com:8443 reason=port_not_allowed rule=trial\n"
+    );
+}
+
 #[test]
 fn config_errors_exit_2_and_name_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();

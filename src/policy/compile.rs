@@ -202,6 +202,17 @@ impl Cx<'_> {
 
     fn net(&mut self, s: &toml::Spanned<String>, field: String) -> Option<IpNet> {
         match s.get_ref().parse::<IpNet>() {
+            // Every address is decided in its IPv4 form (`fold_mapped`): a range written as
+            // IPv4-mapped IPv6 would never match one.
+            Ok(IpNet::V6(v6)) if v6.prefix_len() >= 96 && v6.network().to_ipv4_mapped().is_some() => {
+                let v4 = v6.network().to_ipv4_mapped().map(|a| format!("{a}/{}", v6.prefix_len() - 96));
+                self.error(
+                    s.span(),
+                    &field,
+                    format!("an IPv4-mapped range matches nothing here; write it as \"{}\"", v4.unwrap_or_default()),
+                );
+                None
+            }
             Ok(net) if net.trunc() == net => Some(net),
             Ok(net) => {
                 self.error(s.span(), &field, format!("host bits are set; write it as \"{}\"", net.trunc()));
@@ -316,6 +327,17 @@ impl Cx<'_> {
                 name.span(),
                 &format!("{label}.name"),
                 "the rule names no destination: give hosts, cidrs or service_tags".into(),
+            );
+        }
+        // Hosts with service tags (or cidrs) are a name at an address: with no address left (a tag
+        // that lists no prefixes, a placeholder with nothing to expand to), the rule would be
+        // hosts alone, at any address.
+        if !patterns.is_empty() && ranges.is_empty() && !(service_tags.is_empty() && cidrs.is_empty()) {
+            let span = service_tags.first().map_or_else(|| name.span(), toml::Spanned::span);
+            self.error(
+                span,
+                &format!("{label}.service_tags"),
+                "the rule's service tags list no address ranges: with hosts, it would allow them at any address".into(),
             );
         }
         if ports.is_none() {

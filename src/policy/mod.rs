@@ -229,30 +229,34 @@ impl Policy {
         name: &HostName,
         client: IpAddr,
     ) -> Result<RuleId, (DenyReason, Option<RuleId>)> {
-        let mut allow = None;
-        let mut denied = None;
-        let mut near = None;
+        // The first rule of each kind in the file, a deny in report mode apart: as in `decide`, it
+        // never stands in for an enforced refusal, nor answers what no rule allows.
+        let first = |slot: &mut Option<RuleId>, id: RuleId| {
+            if slot.is_none_or(|f| id < f) {
+                *slot = Some(id);
+            }
+        };
+        let (mut allow, mut denied, mut denied_reported, mut near, mut near_reported) = (None, None, None, None, None);
         self.names.for_each_match(name, |id| {
             let Some(rule) = self.rule(id) else { return };
             if rule.protocol != Protocol::Tcp {
                 return;
             }
             if !rule.sources.is_empty() && !rule.sources.iter().any(|n| n.contains(&fold_mapped(client))) {
-                near.get_or_insert(id);
+                if rule.action == Action::Allow {
+                    first(if rule.report { &mut near_reported } else { &mut near }, id);
+                }
                 return;
             }
             match rule.action {
-                Action::Deny => {
-                    denied.get_or_insert(id);
-                }
-                Action::Allow => {
-                    allow.get_or_insert(id);
-                }
+                Action::Deny if rule.report => first(&mut denied_reported, id),
+                Action::Deny => first(&mut denied, id),
+                Action::Allow => first(&mut allow, id),
             }
         });
-        match (denied, allow, near) {
+        match (denied, allow, near.or(near_reported)) {
             (Some(id), _, _) => Err((DenyReason::DeniedByRule, Some(id))),
-            (None, Some(id), _) => Ok(id),
+            (None, Some(id), _) => denied_reported.map_or(Ok(id), |d| Err((DenyReason::DeniedByRule, Some(d)))),
             (None, None, Some(id)) => Err((DenyReason::SourceNotAllowed, Some(id))),
             (None, None, None) => Err((DenyReason::NoRule, None)),
         }
@@ -311,7 +315,7 @@ impl Policy {
                 // A rule reached through its address is in range by construction.
                 Some(_) if by_name && in_range.binary_search(&id).is_err() => {
                     if rule.action == Action::Allow {
-                        best.near_miss(DenyReason::AddressNotAllowed, id);
+                        best.near_miss(DenyReason::AddressNotAllowed, id, rule.report);
                     }
                     return;
                 }
@@ -324,17 +328,18 @@ impl Policy {
         }
         if !rule.ports.contains(q.port) {
             if rule.action == Action::Allow {
-                best.near_miss(DenyReason::PortNotAllowed, id);
+                best.near_miss(DenyReason::PortNotAllowed, id, rule.report);
             }
             return;
         }
         if !rule.sources.is_empty() && !q.source.is_some_and(|s| rule.sources.iter().any(|n| n.contains(&s))) {
             if rule.action == Action::Allow {
-                best.near_miss(DenyReason::SourceNotAllowed, id);
+                best.near_miss(DenyReason::SourceNotAllowed, id, rule.report);
             }
             return;
         }
         let slot = match (rule.action, by_name) {
+            (Action::Deny, _) if rule.report => &mut best.deny_reported,
             (Action::Deny, _) => &mut best.deny,
             (Action::Allow, true) => &mut best.by_name,
             (Action::Allow, false) => &mut best.by_addr,
@@ -346,30 +351,43 @@ impl Policy {
     }
 }
 
-/// What `decide` has seen so far.
+/// What `decide` has seen so far: the first rule of each kind in the file, with the refusals of
+/// rules in report mode apart from those enforced.
 #[derive(Default)]
 struct Best {
     deny: Option<RuleId>,
+    deny_reported: Option<RuleId>,
     by_name: Option<RuleId>,
     by_addr: Option<RuleId>,
     near_miss: Option<(RuleId, DenyReason)>,
+    near_miss_reported: Option<(RuleId, DenyReason)>,
 }
 
 impl Best {
-    fn near_miss(&mut self, reason: DenyReason, id: RuleId) {
-        if self.near_miss.is_none_or(|(r, _)| id < r) {
-            self.near_miss = Some((id, reason));
+    fn near_miss(&mut self, reason: DenyReason, id: RuleId, reported: bool) {
+        let slot = if reported { &mut self.near_miss_reported } else { &mut self.near_miss };
+        if slot.is_none_or(|(r, _)| id < r) {
+            *slot = Some((id, reason));
         }
     }
 
+    /// A rule in report mode only ever reports a refusal of its own; it never stands in for one
+    /// that enforcement makes, and never lets through what no rule allows:
+    /// - an enforced deny rule refuses, whatever comes before it in the file;
+    /// - a deny rule in report mode names the refusal only of what some rule allows (a name no
+    ///   rule allows stays refused, unresolved);
+    /// - with no rule allowing, an enforced rule's near miss outranks one in report mode.
     fn decision(&self) -> Decision {
         if let Some(rule) = self.deny {
             return Decision::Deny { reason: DenyReason::DeniedByRule, rule: Some(rule) };
         }
-        if let Some(rule) = self.by_name.or(self.by_addr) {
-            return Decision::Allow { rule };
+        if let Some(allow) = self.by_name.or(self.by_addr) {
+            return match self.deny_reported {
+                Some(rule) => Decision::Deny { reason: DenyReason::DeniedByRule, rule: Some(rule) },
+                None => Decision::Allow { rule: allow },
+            };
         }
-        match self.near_miss {
+        match self.near_miss.or(self.near_miss_reported) {
             Some((rule, reason)) => Decision::Deny { reason, rule: Some(rule) },
             None => Decision::deny(DenyReason::NoRule),
         }

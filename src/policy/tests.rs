@@ -451,3 +451,81 @@ proptest! {
         prop_assert_eq!(p.decide(&q), reference(&p, &q), "{}\n{:?}", text, q);
     }
 }
+
+/// What the proxy does with a decision: enforce it, or let a refusal it only reports through.
+fn enforced(p: &Policy, dest: &str, from: &str) -> String {
+    let d = Destination::parse_loose(dest, 443).unwrap();
+    match p.decide(&Query::new(&d.host, d.port).from(from.parse().unwrap())) {
+        decision @ Decision::Deny { reason, rule } if p.reports(reason, rule) => {
+            format!("would_deny({})", outcome(p, decision))
+        }
+        decision => outcome(p, decision),
+    }
+}
+
+/// A rule in report mode reports only its own refusals: it never stands in for one an enforced
+/// rule makes, wherever it is in the file, and a deny in report mode never lets through what no
+/// rule allows. (Found in review: the first matching rule in the file was "the rule named", so a
+/// report-mode rule listed first turned an enforced refusal into `would_deny`.)
+#[test]
+fn a_rule_in_report_mode_never_stands_in_for_an_enforced_refusal() {
+    let trial_deny =
+        "[[rule]]\nname = \"trial-block\"\naction = \"deny\"\nhosts = [\"*.cdn.test\"]\nmode = \"report\"\n";
+    let secret = "[[rule]]\nname = \"secret-block\"\naction = \"deny\"\nhosts = [\"secret.cdn.test\"]\n";
+    let cdn = "[[rule]]\nname = \"cdn\"\naction = \"allow\"\nhosts = [\"*.cdn.test\"]\n";
+    for text in [
+        format!("{trial_deny}{secret}{cdn}"),
+        format!("{secret}{trial_deny}{cdn}"),
+        format!("{cdn}{secret}{trial_deny}"),
+    ] {
+        let p = policy(&text);
+        assert_eq!(enforced(&p, "secret.cdn.test", "10.9.0.1"), "deny:denied_by_rule:secret-block", "{text}");
+        assert_eq!(enforced(&p, "www.cdn.test", "10.9.0.1"), "would_deny(deny:denied_by_rule:trial-block)", "{text}");
+    }
+    // No rule allows it: a deny in report mode adds no way through.
+    let p = policy(trial_deny);
+    assert_eq!(enforced(&p, "www.cdn.test", "10.9.0.1"), "deny:no_rule");
+
+    // Near misses: an enforced rule's outranks one in report mode, in either order.
+    let db = "[[rule]]\nname = \"db\"\naction = \"allow\"\nhosts = [\"db.example.com\"]\nports = [5432]\nsources = [\"10.1.0.0/16\"]\n";
+    let trial = "[[rule]]\nname = \"trial\"\naction = \"allow\"\nhosts = [\"*.example.com\"]\nmode = \"report\"\n";
+    for text in [format!("{db}{trial}"), format!("{trial}{db}")] {
+        let p = policy(&text);
+        assert_eq!(enforced(&p, "db.example.com:5432", "10.9.0.1"), "deny:source_not_allowed:db", "{text}");
+        // Its own refusal, where no enforced rule refuses, is reported, as the README says.
+        assert_eq!(
+            enforced(&p, "www.example.com:8443", "10.9.0.1"),
+            "would_deny(deny:port_not_allowed:trial)",
+            "{text}"
+        );
+    }
+
+    // The DNS filter's view of a name agrees.
+    let p = policy(&format!("{trial_deny}{secret}{cdn}"));
+    let client: IpAddr = "10.9.0.1".parse().unwrap();
+    let name = |n: &str| HostName::parse(n).unwrap();
+    let secret_rule = p.rules().iter().position(|r| &*r.name == "secret-block").unwrap();
+    assert_eq!(
+        p.name_could_be_allowed(&name("secret.cdn.test"), client).map_err(|(r, id)| (r, id.map(RuleId::index))),
+        Err((DenyReason::DeniedByRule, Some(secret_rule)))
+    );
+    let only_trial = policy(trial_deny);
+    assert_eq!(only_trial.name_could_be_allowed(&name("www.cdn.test"), client), Err((DenyReason::NoRule, None)));
+}
+
+/// Hosts with a service tag that lists no prefixes would be hosts alone, at any address: refused
+/// at load, naming the field. A range written as IPv4-mapped IPv6 would match nothing (every
+/// address is decided in its IPv4 form): refused, with the IPv4 spelling. (Found in review.)
+#[test]
+fn ranges_that_would_silently_match_nothing_or_everything_are_refused() {
+    let empty = r#"{"changeNumber":1,"cloud":"Public","values":[{"name":"Storage.WestUS2","properties":{"addressPrefixes":[]}}]}"#;
+    let text = "[[rule]]\nname = \"storage\"\naction = \"allow\"\nhosts = [\"acct.blob.core.windows.net\"]\n\
+                service_tags = [\"Storage.WestUS2\"]\n";
+    let config = Config::from_str(text, Origin::File("t.toml".into())).unwrap();
+    let errors = compile(&config, &TagTable::parse(empty).unwrap()).map(|_| ()).unwrap_err();
+    assert!(errors.to_string().contains("t.toml:5:17: rule[0] \"storage\".service_tags"), "{errors}");
+    assert!(errors.to_string().contains("no address ranges"), "{errors}");
+
+    let errors = compile_err("[[rule]]\nname = \"block\"\naction = \"deny\"\ncidrs = [\"::ffff:20.1.2.0/120\"]\n");
+    assert!(errors.iter().any(|e| e.contains("\"block\".cidrs[0]") && e.contains("\"20.1.2.0/24\"")), "{errors:?}");
+}
