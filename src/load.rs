@@ -103,7 +103,18 @@ fn embedded_tags_written() -> SystemTime {
 /// Compiles the configuration at `path` against a given tag table, as a check: used to validate
 /// fetched service tags before they replace the file.
 pub fn compile_with_tags(path: &Path, regions: &[String], tags: &TagTable) -> Result<Compiled, ConfigErrors> {
-    compile(&read_config(Some(path), regions)?, tags)
+    let config = read_config(Some(path), regions)?;
+    let compiled = compile(&config, tags)?;
+    // A `[shadow]` candidate that reads the same service-tag file must compile against the new
+    // data too: else the reload that follows the refresh fails, and so would the next start.
+    if let Some(candidate) = config.shadow.config.as_ref() {
+        let tag_file = |c: &Config| c.service_tags.file.as_ref().map(|f| c.relative_path(f.get_ref()));
+        let candidate = read_config(Some(&config.relative_path(candidate.get_ref())), regions)?;
+        if tag_file(&candidate) == tag_file(&config) {
+            compile(&candidate, tags)?;
+        }
+    }
+    Ok(compiled)
 }
 
 /// Reads `path` (or the embedded preset), with `regions`, when not empty, replacing the file's.

@@ -123,7 +123,7 @@ impl Refresher {
             other => return Err(RefreshError::Status(other)),
         }
         let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = resp.text().await.map_err(|e| RefreshError::Fetch(e.to_string()))?;
+        let body = read_capped(resp).await?;
 
         let tags = TagTable::parse(&body).map_err(|e| RefreshError::Invalid(e.to_string()))?;
         let current = self.state.info.load().service_tags_change_number;
@@ -160,6 +160,26 @@ impl Refresher {
         }
     }
 }
+
+/// The response body, refused past MAX_TAGS_BYTES without reading more: a download that does not
+/// end must not take the proxy's memory.
+async fn read_capped(mut resp: reqwest::Response) -> Result<String, RefreshError> {
+    let too_big = || RefreshError::Invalid(format!("the download is larger than {MAX_TAGS_BYTES} bytes"));
+    if resp.content_length().is_some_and(|n| n > MAX_TAGS_BYTES as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| RefreshError::Fetch(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_TAGS_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| RefreshError::Invalid("the download is not UTF-8".into()))
+}
+
+/// The most a service-tag download may be: the whole public file is about 4 MB.
+const MAX_TAGS_BYTES: usize = 32 * 1024 * 1024;
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`, so a
 /// reader sees the old file or the new one, never half of one.

@@ -82,29 +82,52 @@ fn decide(state: &State, ip: &str) -> Decision {
     state.policy.load().decide(&Query::new(&host, 443))
 }
 
-#[tokio::test]
-async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
+/// A local server to refresh from, and a directory holding the service-tag file (`tags.json`) and
+/// its CA: the `[service_tags]` section that refreshes from it.
+struct Setting {
+    served: Arc<Mutex<Served>>,
+    dir: tempfile::TempDir,
+    tags_file: std::path::PathBuf,
+    tags_section: String,
+}
+
+async fn setting() -> Setting {
     let served = Arc::new(Mutex::new(Served::default()));
     let (addr, ca_pem) = https_server(served.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let tags_file = dir.path().join("tags.json");
     std::fs::copy(support::TAGS, &tags_file).unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+    let tags_section = format!(
+        "[service_tags]\nfile = \"tags.json\"\nurl = \"https://{addr}/tags.json\"\nrefresh = \"1h\"\nca_file = \"ca.pem\"\n"
+    );
+    Setting { served, dir, tags_file, tags_section }
+}
+
+/// The proxy's state, loaded from `cfg`, and a refresher for it.
+fn refresher_for(cfg: &std::path::Path) -> (Arc<State>, Refresher) {
+    let loaded = load(Some(cfg), &[]).unwrap();
+    let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
+    let state = Arc::new(State::build(loaded).unwrap());
+    let reloader = Arc::new(Reloader::new(Some(cfg.to_path_buf()), Vec::new(), state.clone(), files, digest));
+    let config = Config::load(cfg).unwrap();
+    let refresher = Refresher::from_config(&config, Some(cfg), &[], state.clone(), reloader).unwrap().unwrap();
+    (state, refresher)
+}
+
+#[tokio::test]
+async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
+    let Setting { served, dir, tags_file, tags_section } = setting().await;
     let cfg = dir.path().join("p.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[service_tags]\nfile = \"tags.json\"\nurl = \"https://{addr}/tags.json\"\nrefresh = \"1h\"\nca_file = \"ca.pem\"\n\
-             [audit]\npath = \"audit.jsonl\"\n[[rule]]\nname = \"aml\"\naction = \"allow\"\nservice_tags = [\"AzureMachineLearning\"]\n"
+            "{tags_section}[audit]\npath = \"audit.jsonl\"\n\
+             [[rule]]\nname = \"aml\"\naction = \"allow\"\nservice_tags = [\"AzureMachineLearning\"]\n"
         ),
     )
     .unwrap();
-    let loaded = load(Some(&cfg), &[]).unwrap();
-    let (files, digest) = (loaded.files.clone(), loaded.digest.clone());
-    let state = Arc::new(State::build(loaded).unwrap());
-    let reloader = Arc::new(Reloader::new(Some(cfg.clone()), Vec::new(), state.clone(), files, digest));
-    let config = Config::load(&cfg).unwrap();
-    let refresher = Refresher::from_config(&config, Some(&cfg), &[], state.clone(), reloader).unwrap().unwrap();
+    let (state, refresher) = refresher_for(&cfg);
 
     assert!(!decide(&state, "203.0.113.5").is_allow());
     let newer = tags_json(375, Some("203.0.113.0/24"), false);
@@ -121,6 +144,8 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
         (200, tags_json(300, None, false)),
         (200, "{\"not\": \"service tags\"}".to_string()),
         (200, tags_json(376, None, true)),
+        // Past the 32 MiB cap: refused unread (found in review: any size was read whole).
+        (200, " ".repeat(33 * 1024 * 1024)),
         (500, String::new()),
     ];
     for (i, (status, body)) in bad_cases.into_iter().enumerate() {
@@ -130,6 +155,7 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
             0 => assert!(matches!(err, RefreshError::Older { new: 300, current: 375 }), "{err}"),
             1 => assert!(matches!(err, RefreshError::Invalid(_)), "{err}"),
             2 => assert!(err.to_string().contains("AzureMachineLearning is missing"), "{err}"),
+            3 => assert!(err.to_string().contains("larger than 33554432 bytes"), "{err}"),
             _ => assert!(matches!(err, RefreshError::Status(500)), "{err}"),
         }
         assert_eq!(std::fs::read_to_string(&tags_file).unwrap(), newer, "a failed fetch keeps the last good file");
@@ -141,7 +167,7 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
     for want in [
         "egress_proxy_service_tags_refreshes_total{result=\"success\"} 1",
         "egress_proxy_service_tags_refreshes_total{result=\"not_modified\"} 1",
-        "egress_proxy_service_tags_refreshes_total{result=\"failure\"} 4",
+        "egress_proxy_service_tags_refreshes_total{result=\"failure\"} 5",
         "egress_proxy_service_tags_change_number 375",
         // The refresh's one reload, and no other: nothing else reloads this proxy.
         "egress_proxy_config_reloads_total{result=\"success\"} 1",
@@ -152,4 +178,39 @@ async fn refresh_validates_writes_atomically_honours_etag_and_reloads() {
         !m.contains("egress_proxy_config_reloads_total{result=\"failure\"}"),
         "bad data never reaches a reload: {m}"
     );
+}
+
+/// A `[shadow]` candidate that reads the same service-tag file must compile against new data too:
+/// a download that drops a tag only the candidate uses is refused, and the file stays as it was,
+/// so that neither the reload after it nor the next start fails. (Found in review: only the
+/// config itself was checked, and the file was written before the reload failed.)
+#[tokio::test]
+async fn a_refresh_the_shadow_candidate_cannot_load_is_refused() {
+    let Setting { served, dir, tags_file, tags_section } = setting().await;
+    std::fs::write(
+        dir.path().join("candidate.toml"),
+        format!(
+            "{tags_section}[[rule]]\nname = \"aml\"\naction = \"allow\"\nservice_tags = [\"AzureMachineLearning\"]\n"
+        ),
+    )
+    .unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{tags_section}[shadow]\nconfig = \"candidate.toml\"\n[audit]\npath = \"audit.jsonl\"\n\
+             [[rule]]\nname = \"ml\"\naction = \"allow\"\nhosts = [\"ml.azure.com\"]\n"
+        ),
+    )
+    .unwrap();
+    let (_state, refresher) = refresher_for(&cfg);
+
+    let before = std::fs::read_to_string(&tags_file).unwrap();
+    *served.lock().unwrap() =
+        Served { status: 200, etag: "\"v376\"".into(), body: tags_json(376, None, true), ..Served::default() };
+    let err = refresher.fetch_once().await.unwrap_err();
+    assert!(matches!(err, RefreshError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("candidate.toml"), "the candidate is named: {err}");
+    assert_eq!(std::fs::read_to_string(&tags_file).unwrap(), before, "the file is left as it was");
+    assert!(load(Some(&cfg), &[]).is_ok(), "the next start still loads");
 }
