@@ -145,6 +145,9 @@ pub struct DnsDecided<'a> {
     pub name: &'a str,
     #[serde(rename = "type")]
     pub qtype: &'a str,
+    /// The type as the metric labels it: one of the named types, `Unknown` for any other code.
+    #[serde(skip)]
+    pub type_label: &'static str,
     /// `allow`, `deny`, or (report mode) `would_deny`.
     pub decision: &'static str,
     pub reason: Option<&'static str>,
@@ -252,7 +255,7 @@ impl Audit {
     /// Writes the line of one DNS question's decision, and counts it.
     pub fn dns_decided(&self, d: &DnsDecided<'_>) {
         self.write("dns", d);
-        self.metrics.dns_queries.with_label_values(&[d.decision, d.qtype, d.reason.unwrap_or_default()]).inc();
+        self.metrics.dns_queries.with_label_values(&[d.decision, d.type_label, d.reason.unwrap_or_default()]).inc();
     }
 
     /// Writes the line of a DNS tunnelling alarm, and counts it.

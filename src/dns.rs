@@ -140,16 +140,24 @@ impl DnsFilter {
             Ok(Answered { rule, would_deny: Some(reason), .. }) => ("would_deny", Some(*reason), *rule),
             Err(refused) => ("deny", Some(refused.reason()), refused.rule()),
         };
-        let qtype_text = qtype.to_string();
+        // The audit line names a type hickory does not know by its code (RFC 3597's `TYPE1234`);
+        // the metric's label stays one of a bounded set (`Unknown`), so that a client choosing
+        // codes cannot make a series of each.
+        let type_label = <&'static str>::from(qtype);
+        let qtype_text = match qtype {
+            RecordType::Unknown(code) => format!("TYPE{code}"),
+            known => known.to_string(),
+        };
         if let Err(Refused::RateLimit { audit: false }) = decided {
             // Counted, not written: one line a second per client is enough to say it happened.
-            let labels = [decision, qtype_text.as_str(), reason.unwrap_or_default()];
+            let labels = [decision, type_label, reason.unwrap_or_default()];
             self.state.metrics.dns_queries.with_label_values(&labels).inc();
         } else {
             self.state.audit.dns_decided(&DnsDecided {
                 client,
                 name: &ascii,
                 qtype: &qtype_text,
+                type_label,
                 decision,
                 reason,
                 rule: rule.map(|r| policy.rule_name(r)),
@@ -499,6 +507,26 @@ mod tests {
         let tracked = filter.seen.lock().unwrap().pairs.len();
         assert_eq!(tracked, MAX_TRACKED, "every window is live: the table is full, and no bigger");
         assert_eq!(state.metrics.dns_alarm_untracked.get(), 2_000);
+    }
+
+    /// A type hickory does not name is audited by its code (`TYPE4660`), and counted under one
+    /// bounded label, `Unknown`, however many codes a client tries.
+    #[tokio::test]
+    async fn an_unknown_type_is_audited_by_its_code_and_counted_under_one_label() {
+        let (filter, state, dir) = filter_with("rate_per_client = 100000");
+        let client: SocketAddr = "10.1.2.3:5353".parse().unwrap();
+        for code in 4660..4760u16 {
+            let mut m = Message::new();
+            m.set_id(1).set_message_type(MessageType::Query);
+            m.add_query(Query::query(Name::from_ascii("x.example.").unwrap(), RecordType::Unknown(code)));
+            filter.answer(client, &m.to_vec().unwrap()).await;
+        }
+        assert!(state.audit.flush(Duration::from_secs(5)));
+        let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert!(log.contains(r#""type":"TYPE4660""#) && log.contains(r#""type":"TYPE4759""#), "{log}");
+        let series =
+            state.metrics.render().lines().filter(|l| l.starts_with("egress_proxy_dns_queries_total{")).count();
+        assert_eq!(series, 1, "{}", state.metrics.render());
     }
 
     /// Questions refused as over the client's rate go nowhere, and cost the alarm nothing.
