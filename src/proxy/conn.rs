@@ -73,8 +73,8 @@ pub struct CloseRecord {
     addr: SocketAddr,
     rule: RuleId,
     meter: Arc<Meter>,
-    /// `check_upload_limit` has run: its `limit` line is written once.
-    limit_checked: bool,
+    /// The cut at `max_upload_bytes` is reported (its `limit` line is written once).
+    limit_reported: bool,
 }
 
 // === impl ConnCx ===
@@ -238,7 +238,7 @@ impl Conn {
     pub fn allowed(mut self, to: Dialled, meter: Arc<Meter>) -> CloseRecord {
         self.decided(Outcome::Allowed(to));
         self.limit_uploads(&to, &meter);
-        CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter, limit_checked: false }
+        CloseRecord { conn: self, failed: None, addr: to.addr, rule: to.grant.rule, meter, limit_reported: false }
     }
 
     /// Puts the rule's upload limits on the meter: `max_upload_bytes` cuts the connection, and
@@ -395,8 +395,11 @@ impl CloseRecord {
     /// If the meter cut the connection at `max_upload_bytes`: the close line says
     /// `upload_limit`, and a `limit` line and the metric record the moment. True when it did.
     pub fn check_upload_limit(&mut self) -> bool {
-        if std::mem::replace(&mut self.limit_checked, true) || !self.meter.over_limit() {
-            return self.meter.over_limit();
+        if !self.meter.over_limit() {
+            return false;
+        }
+        if std::mem::replace(&mut self.limit_reported, true) {
+            return true;
         }
         let c = &self.conn;
         let rule = c.policy.rule_name(self.rule);
