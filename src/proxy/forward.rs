@@ -99,10 +99,11 @@ async fn exchange(
     // The head carries bytes up as the body does (a URL, a header field): it passes the meter
     // first, so that `max_upload_bytes` and `upload_budget` count it. Over the limit, nothing is
     // sent, and `forward` refuses it as `upload_limit`.
-    if meter.flow(Direction::Up).pass(head_len(&req)).is_break() {
+    let up = meter.flow(Direction::Up);
+    if up.pass(head_len(&req)).is_break() {
         return Err(Refusal::Policy { reason: DenyReason::UploadLimit, rule: None });
     }
-    let req = req.map(|b| Counted::new(b, meter.flow(Direction::Up), idle).holding(Arc::clone(close)).boxed());
+    let req = req.map(|b| Counted::new(b, up, idle).holding(Arc::clone(close)).boxed());
     let (mut sender, conn_task) =
         hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await.map_err(|_| Refusal::UpstreamProtocol)?;
     let stop = cx.stop.clone();
