@@ -229,14 +229,8 @@ impl Policy {
         name: &HostName,
         client: IpAddr,
     ) -> Result<RuleId, (DenyReason, Option<RuleId>)> {
-        // The first rule of each kind in the file, a deny in report mode apart: as in `decide`, it
-        // never stands in for an enforced refusal, nor answers what no rule allows.
-        let first = |slot: &mut Option<RuleId>, id: RuleId| {
-            if slot.is_none_or(|f| id < f) {
-                *slot = Some(id);
-            }
-        };
-        let (mut allow, mut denied, mut denied_reported, mut near, mut near_reported) = (None, None, None, None, None);
+        // Weighed as `decide` weighs them (`Best`), with no port or address to miss on.
+        let mut best = Best::default();
         self.names.for_each_match(name, |id| {
             let Some(rule) = self.rule(id) else { return };
             if rule.protocol != Protocol::Tcp {
@@ -244,21 +238,15 @@ impl Policy {
             }
             if !rule.sources.is_empty() && !rule.sources.iter().any(|n| n.contains(&fold_mapped(client))) {
                 if rule.action == Action::Allow {
-                    first(if rule.report { &mut near_reported } else { &mut near }, id);
+                    best.near_miss(DenyReason::SourceNotAllowed, id, rule.report);
                 }
                 return;
             }
-            match rule.action {
-                Action::Deny if rule.report => first(&mut denied_reported, id),
-                Action::Deny => first(&mut denied, id),
-                Action::Allow => first(&mut allow, id),
-            }
+            best.matched(id, rule, true);
         });
-        match (denied, allow, near.or(near_reported)) {
-            (Some(id), _, _) => Err((DenyReason::DeniedByRule, Some(id))),
-            (None, Some(id), _) => denied_reported.map_or(Ok(id), |d| Err((DenyReason::DeniedByRule, Some(d)))),
-            (None, None, Some(id)) => Err((DenyReason::SourceNotAllowed, Some(id))),
-            (None, None, None) => Err((DenyReason::NoRule, None)),
+        match best.decision() {
+            Decision::Allow { rule } => Ok(rule),
+            Decision::Deny { reason, rule } => Err((reason, rule)),
         }
     }
 
@@ -338,16 +326,7 @@ impl Policy {
             }
             return;
         }
-        let slot = match (rule.action, by_name) {
-            (Action::Deny, _) if rule.report => &mut best.deny_reported,
-            (Action::Deny, _) => &mut best.deny,
-            (Action::Allow, true) => &mut best.by_name,
-            (Action::Allow, false) => &mut best.by_addr,
-        };
-        // Rules are reported in no particular order: keep the first in the file.
-        if slot.is_none_or(|first| id < first) {
-            *slot = Some(id);
-        }
+        best.matched(id, rule, by_name);
     }
 }
 
@@ -364,6 +343,20 @@ struct Best {
 }
 
 impl Best {
+    /// A rule that matched (through its name, or through its address), kept if it is the first
+    /// of its kind in the file: rules are reported in no particular order.
+    fn matched(&mut self, id: RuleId, rule: &Rule, by_name: bool) {
+        let slot = match (rule.action, by_name) {
+            (Action::Deny, _) if rule.report => &mut self.deny_reported,
+            (Action::Deny, _) => &mut self.deny,
+            (Action::Allow, true) => &mut self.by_name,
+            (Action::Allow, false) => &mut self.by_addr,
+        };
+        if slot.is_none_or(|first| id < first) {
+            *slot = Some(id);
+        }
+    }
+
     fn near_miss(&mut self, reason: DenyReason, id: RuleId, reported: bool) {
         let slot = if reported { &mut self.near_miss_reported } else { &mut self.near_miss };
         if slot.is_none_or(|(r, _)| id < r) {
