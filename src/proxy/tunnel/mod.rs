@@ -228,7 +228,21 @@ mod tests {
     }
 
     fn pipes() -> Arc<Pipes> {
-        Arc::new(Pipes::new(8, &crate::metrics::Metrics::new()))
+        pool(8)
+    }
+
+    /// A pool of at most `max_pipes` pipes (0: every burst takes the copy fallback).
+    fn pool(max_pipes: usize) -> Arc<Pipes> {
+        Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()))
+    }
+
+    /// Sends 20,000 bytes (more than the scratch buffer, so the rest goes to a pipe if there is
+    /// one), one urgent byte (MSG_OOB, out of band), and `tail`.
+    fn send_past_an_urgent_byte(s: &socket2::SockRef<'_>) {
+        let head = vec![b'a'; 20_000];
+        assert_eq!(s.send(&head).unwrap(), head.len());
+        assert_eq!(s.send_out_of_band(b"X").unwrap(), 1);
+        assert_eq!(s.send(b"tail").unwrap(), 4);
     }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -271,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn copies_through_a_small_buffer_when_the_pool_has_no_pipe() {
-        let none = Arc::new(Pipes::new(0, &crate::metrics::Metrics::new()));
+        let none = pool(0);
         let r = run_tunnel(none, b"", Duration::from_secs(5)).await;
         let (up, down) = half_close_exchange(r.client_peer, r.upstream_peer).await;
         assert_eq!(r.task.await.unwrap(), End::Closed);
@@ -305,7 +319,7 @@ mod tests {
     /// every message back, through a tunnel with a pool of `max_pipes`. Returns the pipes the pool
     /// made meanwhile.
     async fn ping_pong(sizes: &[usize], rounds: usize, max_pipes: usize) -> usize {
-        let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
+        let pool = pool(max_pipes);
         let Running { mut client_peer, upstream_peer, task: t, .. } =
             run_tunnel(pool.clone(), b"", Duration::from_secs(30)).await;
         let echo = tokio::spawn(async move {
@@ -413,16 +427,11 @@ mod tests {
     async fn bytes_behind_an_urgent_byte_are_not_lost_when_end_of_stream_follows() {
         let mut lost = Vec::new();
         for max_pipes in [0, 8] {
-            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
             let Running { client_peer, mut upstream_peer, task: t, .. } =
-                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+                run_tunnel(pool(max_pipes), b"", Duration::from_secs(5)).await;
             // Written before the tunnel task first runs (this test's runtime has one thread).
             let s = socket2::SockRef::from(&client_peer);
-            // More than the scratch buffer: the first read is full, the rest goes to a pipe.
-            let head = vec![b'a'; 20_000];
-            assert_eq!(s.send(&head).unwrap(), head.len());
-            assert_eq!(s.send_out_of_band(b"X").unwrap(), 1);
-            assert_eq!(s.send(b"tail").unwrap(), 4);
+            send_past_an_urgent_byte(&s);
             s.shutdown(std::net::Shutdown::Write).unwrap();
             std::thread::sleep(Duration::from_millis(50));
             let mut got = Vec::new();
@@ -445,9 +454,8 @@ mod tests {
     #[tokio::test]
     async fn the_upload_limit_lands_on_the_byte_through_pipes_and_through_the_copy_fallback() {
         for max_pipes in [0, 8] {
-            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
             let Running { mut client_peer, mut upstream_peer, task: t, meter } =
-                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+                run_tunnel(pool(max_pipes), b"", Duration::from_secs(5)).await;
             // Before the tunnel task first runs.
             const LIMIT: u64 = 100_001;
             meter.limit_up(meter::UpLimits { max: Some(LIMIT), budget: None });
@@ -477,14 +485,10 @@ mod tests {
     #[tokio::test]
     async fn bytes_behind_an_urgent_byte_go_on_when_the_client_sends_again() {
         for max_pipes in [0, 8] {
-            let pool = Arc::new(Pipes::new(max_pipes, &crate::metrics::Metrics::new()));
             let Running { client_peer, mut upstream_peer, task: t, .. } =
-                run_tunnel(pool, b"", Duration::from_secs(5)).await;
+                run_tunnel(pool(max_pipes), b"", Duration::from_secs(5)).await;
             let s = socket2::SockRef::from(&client_peer);
-            let head = vec![b'a'; 20_000];
-            assert_eq!(s.send(&head).unwrap(), head.len());
-            assert_eq!(s.send_out_of_band(b"X").unwrap(), 1);
-            assert_eq!(s.send(b"tail").unwrap(), 4);
+            send_past_an_urgent_byte(&s);
             let mut got = vec![0u8; 20_000];
             upstream_peer.read_exact(&mut got).await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
